@@ -1,0 +1,2 @@
+//! pgkeep binary.
+fn main() {}
