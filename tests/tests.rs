@@ -1,1 +1,12 @@
-//! Integration tests.
+//! pgkeep's integration tests: real PostgreSQL clusters started by the tests, the real binary.
+//!
+//! Compiled as one test binary (see crates/cli/Cargo.toml); each module covers one command.
+
+mod harness;
+
+mod archive;
+mod backup;
+mod cli;
+mod formats;
+mod init;
+mod restore;

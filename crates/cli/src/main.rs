@@ -1,2 +1,162 @@
-//! pgkeep binary.
-fn main() {}
+//! The `pgkeep` binary: parses flags and config, runs one command, maps the result to an exit code.
+
+mod args;
+mod config;
+mod options;
+mod output;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use args::{Args, Command};
+
+/// Exit codes, documented in README.md.
+mod exit {
+    /// A command failed (or `archive-get` found no such file).
+    pub const FAILURE: u8 = 1;
+    /// Bad command line or config.
+    pub const USAGE: u8 = 2;
+    /// `check` or `validate` found a problem.
+    pub const FOUND_PROBLEMS: u8 = 3;
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            // --help and --version are not errors.
+            let code = if e.use_stderr() { exit::USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(pgkeep_core::Outcome::NotInArchive(_)) = e.downcast_ref() {
+                // PostgreSQL probes for files that do not exist: answer quietly.
+                return ExitCode::from(exit::FAILURE);
+            }
+            let code = if e.downcast_ref::<config::ConfigError>().is_some() {
+                exit::USAGE
+            } else {
+                exit::FAILURE
+            };
+            eprintln!("pgkeep: error: {}", one_line(&format!("{e:#}")));
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Errors print as one line, whatever their sources put in them.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if pgkeep_core::user::is_root() && !args.allow_root && !args.command.may_run_as_root() {
+        return Err(config::ConfigError(
+            "refusing to run as root: run pgkeep as the OS user that owns the cluster (e.g. `sudo -u postgres pgkeep ...`), or pass --allow-root".into(),
+        )
+        .into());
+    }
+    let cfg = config::load(args.config.as_deref())?;
+    match args.command {
+        Command::Init => {
+            let r = pgkeep_core::init::init(&cfg)?;
+            let verb = if r.created {
+                "created"
+            } else {
+                "already initialised"
+            };
+            println!(
+                "repository {} {verb} for system identifier {} (PostgreSQL {}, block size {}, WAL segment size {})",
+                r.repo.display(),
+                r.identity.system_identifier,
+                r.identity.pg_major,
+                r.identity.block_size,
+                r.identity.wal_segment_size
+            );
+        }
+        Command::ArchivePush { wal_path } => {
+            pgkeep_core::archive::archive_push(&cfg, &wal_path)?;
+        }
+        Command::ArchiveGet {
+            wal_name,
+            dest_path,
+        } => {
+            pgkeep_core::archive::archive_get(&cfg, &wal_name, &dest_path)?;
+        }
+        Command::Check => {
+            let lines = pgkeep_core::check::check(&cfg)?;
+            let mut all_ok = true;
+            for l in &lines {
+                all_ok &= l.ok;
+                println!(
+                    "{:<4} {:<16} {}",
+                    if l.ok { "ok" } else { "FAIL" },
+                    l.what,
+                    l.detail
+                );
+            }
+            if !all_ok {
+                eprintln!("pgkeep: error: check failed: fix the FAIL lines above");
+                return Ok(ExitCode::from(exit::FOUND_PROBLEMS));
+            }
+        }
+        Command::Backup { backup_type, jobs } => {
+            let backup_type = match backup_type {
+                args::TypeArg::Full => pgkeep_core::backup::BackupType::Full,
+                args::TypeArg::Diff => pgkeep_core::backup::BackupType::Diff,
+                args::TypeArg::Incr => pgkeep_core::backup::BackupType::Incr,
+            };
+            let opts = pgkeep_core::backup::BackupOptions { backup_type, jobs };
+            let progress = progress::CliProgress::new();
+            let s = pgkeep_core::backup::backup(&cfg, &opts, &progress)?;
+            output::print_backup_summary(&s);
+        }
+        Command::Restore {
+            pgdata,
+            backup,
+            target_time,
+            target_lsn,
+            target_xid,
+            target_name,
+            target,
+            target_action,
+            target_timeline,
+            delta,
+            jobs,
+            tablespace_map,
+        } => {
+            let opts = options::restore_options(options::RawRestore {
+                pgdata,
+                backup,
+                target_time,
+                target_lsn,
+                target_xid,
+                target_name,
+                target,
+                target_action,
+                target_timeline,
+                delta,
+                jobs,
+                tablespace_map,
+            })?;
+            let progress = progress::CliProgress::new();
+            let s = pgkeep_core::restore::restore(&cfg, &opts, &progress)?;
+            output::print_restore_summary(&s, &opts);
+        }
+        Command::Show { label, json } => {
+            let backups = pgkeep_core::show::show(&cfg, label.as_deref())?;
+            if json {
+                println!("{}", pgkeep_core::show::backups_json(&backups));
+            } else {
+                output::print_backups(&backups);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,1 +1,33 @@
-//! Commands.
+//! pgkeep's commands: init, show, archive-push/get, check, backup, restore, validate.
+//!
+//! Each command is a function taking validated options (a [`Config`] plus a per-command options
+//! struct) and returning a value the CLI prints. This crate talks to PostgreSQL (the `postgres`
+//! crate), to the repository (`pgkeep-repo`) and to the catalog (`pgkeep-catalog`); it knows
+//! nothing of flags, TOML or terminals. Progress goes through the small [`Progress`] trait.
+
+pub mod archive;
+pub mod backup;
+pub mod check;
+pub mod config;
+pub mod init;
+pub mod lock;
+pub mod parallel;
+pub mod pg;
+pub mod progress;
+pub mod repo;
+pub mod restore;
+pub mod show;
+pub mod user;
+pub mod walk;
+
+pub use config::Config;
+pub use progress::{NoProgress, Progress};
+
+/// Errors a caller maps to a specific exit code; everything else is a general failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Outcome {
+    /// `archive-get` of a name the archive does not hold: PostgreSQL probes for files that do not
+    /// exist (history files, the next segment), so this must exit 1 without noise.
+    #[error("{0} is not in the archive")]
+    NotInArchive(String),
+}

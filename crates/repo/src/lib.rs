@@ -1,1 +1,143 @@
-//! Repository storage.
+//! Repository storage for pgkeep: where backup and WAL bytes live and how they are packed.
+//!
+//! A [`Storage`] holds objects under '/'-separated keys and makes each write durable and visible
+//! in one step ([`PendingObject::commit`], or [`PendingObject::commit_new`] when an existing
+//! object must never be replaced); [`LocalStorage`] keeps them in a directory tree and
+//! [`MemoryStorage`] in memory for tests. Object contents are LZ4 frames written by
+//! [`CompressWriter`] and read by [`DecompressReader`], which compute the size, CRC-32C and
+//! SHA-256 of the raw bytes while they stream, so nothing is read twice; [`store_compressed`] and
+//! [`fetch_decompressed`] put the two together, and [`keys`] is the one place that knows how the
+//! repository is laid out.
+
+use std::io::{self, Read, Write};
+
+mod key;
+pub mod keys;
+mod local;
+mod memory;
+mod stream;
+mod transfer;
+
+pub use local::LocalStorage;
+pub use memory::MemoryStorage;
+pub use stream::{CompressWriter, DecompressReader, Digest, FrameError, BLOCK_SIZE};
+pub use transfer::{fetch_decompressed, get_bytes, put_bytes, store_compressed};
+
+/// What can go wrong storing or fetching a repository object; every variant names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("no object at {key} in the repository")]
+    NotFound { key: String },
+    #[error("an object already exists at {key} in the repository")]
+    AlreadyExists { key: String },
+    #[error("i/o error on {key} in the repository")]
+    Io {
+        key: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("object {key} in the repository is corrupt: {detail}")]
+    Corrupt { key: String, detail: String },
+    /// Keys are relative, '/'-separated, with no "." or ".." and no empty components.
+    #[error("invalid repository key {key:?}")]
+    InvalidKey { key: String },
+    /// Reading the bytes to be stored at `key` failed (the source, not the repository).
+    #[error("reading the data to store at {key}")]
+    Source {
+        key: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Writing out the bytes fetched from `key` failed (the destination, not the repository).
+    #[error("writing out the data fetched from {key}")]
+    Destination {
+        key: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+impl StorageError {
+    /// The key the error is about.
+    pub fn key(&self) -> &str {
+        match self {
+            StorageError::NotFound { key }
+            | StorageError::AlreadyExists { key }
+            | StorageError::Io { key, .. }
+            | StorageError::Corrupt { key, .. }
+            | StorageError::InvalidKey { key }
+            | StorageError::Source { key, .. }
+            | StorageError::Destination { key, .. } => key,
+        }
+    }
+
+    pub(crate) fn io(key: &str, source: io::Error) -> Self {
+        StorageError::Io {
+            key: key.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Where repository bytes live (local filesystem now, object storage later). Keys are
+/// '/'-separated relative paths.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Start writing a new object at `key`; nothing is visible under `key` until commit.
+    fn create(&self, key: &str) -> Result<Box<dyn PendingObject>>;
+    /// Read the object at `key`; `NotFound` when absent.
+    fn open(&self, key: &str) -> Result<Box<dyn Read + Send>>;
+    /// Size in bytes of the stored object, `None` when absent.
+    fn size(&self, key: &str) -> Result<Option<u64>>;
+    /// Every key under `prefix` (a "directory"; "" = all), recursive, sorted; temp files of
+    /// uncommitted writes are never listed.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Remove the object at `key`; absent is not an error.
+    fn delete(&self, key: &str) -> Result<()>;
+    /// Remove the whole "directory" `prefix`; absent is not an error. The empty prefix (the
+    /// whole repository) is refused as an invalid key, so a bug cannot wipe the repository.
+    fn delete_prefix(&self, prefix: &str) -> Result<()>;
+    /// Make every object committed so far durable, including those committed with
+    /// [`PendingObject::commit_unsynced`] (local fs: syncfs(2) of the repository's filesystem).
+    /// Backends whose commits are durable on their own need not override it.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An object being written; `Write` into it, then commit. Dropping it without commit discards
+/// the bytes (the local backend removes its temporary file).
+pub trait PendingObject: Write + Send {
+    /// Make the object durable and visible under its key, replacing what was there (local fs:
+    /// fsync file, rename, fsync dir).
+    fn commit(self: Box<Self>) -> Result<()>;
+    /// Same, but never replace: `AlreadyExists` if an object is already at the key, even under a
+    /// race with another process (local fs: link(2) temp -> final, then unlink temp, fsync dir).
+    fn commit_new(self: Box<Self>) -> Result<()>;
+    /// Make the object visible under its key, replacing, without waiting for the disk (local fs:
+    /// rename only). A crash of the process still never shows a partial object, but after a
+    /// crash of the machine before the next [`Storage::sync`] the object may be empty or short:
+    /// for the many files of a backup, which counts as complete only after that sync.
+    fn commit_unsynced(self: Box<Self>) -> Result<()> {
+        self.commit()
+    }
+}
+
+/// Outcome of storing one object.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct StoredObject {
+    /// Checksums of the raw bytes (SHA-256 always present).
+    pub digest: Digest,
+    /// Bytes the object takes in the repository.
+    pub stored_size: u64,
+}
+
+/// How [`store_compressed`] makes its object visible.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Commit {
+    /// Replace whatever is at the key.
+    Replace,
+    /// Fail with `AlreadyExists` rather than replace (WAL archive: never overwrite).
+    New,
+}

@@ -1,0 +1,124 @@
+//! Command-line flags (clap), the first of two stages: raw flags here, validated options in config.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+
+/// Physical backups and WAL archiving for PostgreSQL.
+#[derive(Parser, Debug)]
+#[command(name = "pgkeep", version, about, long_about = None)]
+pub struct Args {
+    /// Config file [default: $PGKEEP_CONFIG, else /etc/pgkeep/pgkeep.toml]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Allow commands other than restore to run as root (files they create would be owned by root).
+    #[arg(long, global = true)]
+    pub allow_root: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create the repository and catalog for the configured cluster.
+    Init,
+    /// Archive one WAL file: archive_command = 'pgkeep --config FILE archive-push %p'.
+    ArchivePush {
+        /// Path of the file, relative to the data directory as PostgreSQL passes it.
+        wal_path: PathBuf,
+    },
+    /// Fetch one archived WAL file: restore_command = 'pgkeep --config FILE archive-get %f "%p"'.
+    ArchiveGet {
+        /// Name of the WAL file (segment, .history, .backup or .partial).
+        wal_name: String,
+        /// Where to write it.
+        dest_path: PathBuf,
+    },
+    /// Check config, connection, WAL settings and that archiving reaches the repository.
+    Check,
+    /// Take a backup of the running cluster.
+    Backup {
+        /// full copies every file; diff stores pages changed since the last full; incr since the last backup.
+        #[arg(long = "type", value_enum)]
+        backup_type: TypeArg,
+        /// Parallel copy workers [default: [backup] jobs, else one per core].
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+    },
+    /// Rebuild a data directory from a backup and set up point-in-time recovery.
+    #[command(group(ArgGroup::new("recovery_target").args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
+    Restore {
+        /// Data directory to restore into (absent or empty, unless --delta).
+        #[arg(long, value_name = "DIR")]
+        pgdata: PathBuf,
+        /// Backup to restore [default: the newest one that can reach the target].
+        #[arg(long, value_name = "LABEL")]
+        backup: Option<String>,
+        /// Recover up to this time: RFC 3339 or "YYYY-MM-DD HH:MM:SS[.ffffff][+HH:MM]"; without an offset, local time.
+        #[arg(long, value_name = "TS")]
+        target_time: Option<String>,
+        /// Recover up to this WAL position (X/X).
+        #[arg(long, value_name = "LSN")]
+        target_lsn: Option<String>,
+        /// Recover up to this transaction id.
+        #[arg(long, value_name = "XID")]
+        target_xid: Option<u64>,
+        /// Recover up to this restore point (pg_create_restore_point).
+        #[arg(long, value_name = "NAME")]
+        target_name: Option<String>,
+        /// `immediate`: stop as soon as the backup is consistent.
+        #[arg(long, value_enum)]
+        target: Option<TargetArg>,
+        /// What the server does at the target [PostgreSQL's default: pause].
+        #[arg(long, value_enum, default_value = "pause")]
+        target_action: ActionArg,
+        /// Timeline to follow: latest, current or a number.
+        #[arg(long, value_name = "TLI")]
+        target_timeline: Option<String>,
+        /// Reuse files of an existing directory whose size and SHA-256 match the backup; remove the rest.
+        #[arg(long)]
+        delta: bool,
+        /// Parallel writers [default: one per core].
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// Restore tablespace OID into DIR instead of its original location (repeatable).
+        #[arg(long = "tablespace-map", value_name = "OID=DIR")]
+        tablespace_map: Vec<String>,
+    },
+    /// List backups (oldest first), or show one.
+    Show {
+        /// Only this backup.
+        label: Option<String>,
+        /// Print `{"backups": [...]}` as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum TypeArg {
+    Full,
+    Diff,
+    Incr,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum TargetArg {
+    Immediate,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum ActionArg {
+    Pause,
+    Promote,
+    Shutdown,
+}
+
+impl Command {
+    /// Only restore may run as root: it must give restored files their recorded owners.
+    pub fn may_run_as_root(&self) -> bool {
+        matches!(self, Command::Restore { .. })
+    }
+}

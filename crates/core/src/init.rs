@@ -1,0 +1,103 @@
+//! `pgkeep init`: create the repository and catalog for the configured cluster.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use pgkeep_catalog::{Catalog, RepoIdentity};
+
+use crate::config::Config;
+use crate::pg;
+use crate::repo::{catalog_path, create_private_dir};
+
+/// What `init` did.
+#[derive(Debug)]
+pub struct InitReport {
+    /// False when the repository already existed for this very cluster.
+    pub created: bool,
+    pub repo: PathBuf,
+    pub identity: RepoIdentity,
+}
+
+/// Connect to the cluster, read its identity and create (or confirm) its repository.
+pub fn init(cfg: &Config) -> Result<InitReport> {
+    let mut conn = pg::connect(&cfg.pg)?;
+    let server = conn.identity()?;
+    if !pg::same_dir(&server.data_directory, &cfg.pg.data) {
+        bail!(
+            "the server at {}:{} runs data directory {} but [pg] data in {} is {}: fix the config",
+            cfg.pg.host,
+            cfg.pg.port,
+            server.data_directory.display(),
+            cfg.config_path.display(),
+            cfg.pg.data.display()
+        );
+    }
+    let identity = crate::check::repo_identity(&server);
+    let root = cfg.repo.path.clone();
+    let catalog_file = catalog_path(&root);
+    if catalog_file.exists() {
+        let catalog = Catalog::open(&catalog_file)
+            .with_context(|| format!("opening catalog {}", catalog_file.display()))?;
+        let existing = catalog.identity()?;
+        check_same_cluster(&existing, &identity, &root)?;
+        return Ok(InitReport {
+            created: false,
+            repo: root,
+            identity: existing,
+        });
+    }
+    if root.exists()
+        && root
+            .read_dir()
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "repository path {} is not empty and holds no pgkeep catalog: choose an empty or new directory",
+            root.display()
+        );
+    }
+    create_private_dir(&root)?;
+    Catalog::create(&catalog_file, &identity)
+        .with_context(|| format!("creating catalog {}", catalog_file.display()))?;
+    Ok(InitReport {
+        created: true,
+        repo: root,
+        identity,
+    })
+}
+
+/// Refuse to mix clusters, block sizes, segment sizes or major versions in one repository.
+pub fn check_same_cluster(
+    repo: &RepoIdentity,
+    server: &RepoIdentity,
+    root: &std::path::Path,
+) -> Result<()> {
+    if repo.system_identifier != server.system_identifier {
+        bail!(
+            "repository {} belongs to system identifier {} but the cluster has system identifier {}: use a separate repository path for each cluster",
+            root.display(),
+            repo.system_identifier,
+            server.system_identifier
+        );
+    }
+    if repo.pg_major != server.pg_major {
+        bail!(
+            "repository {} holds PostgreSQL {} backups but the cluster runs PostgreSQL {}: use a new repository after a major upgrade",
+            root.display(),
+            repo.pg_major,
+            server.pg_major
+        );
+    }
+    if repo.block_size != server.block_size || repo.wal_segment_size != server.wal_segment_size {
+        bail!(
+            "repository {} was created for block size {} and WAL segment size {} but the cluster has {} and {}: use a new repository",
+            root.display(),
+            repo.block_size,
+            repo.wal_segment_size,
+            server.block_size,
+            server.wal_segment_size
+        );
+    }
+    Ok(())
+}

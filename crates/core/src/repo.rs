@@ -1,0 +1,72 @@
+//! An opened repository: its storage, its catalog and the identity of the cluster it serves.
+
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use pgkeep_catalog::{Catalog, RepoIdentity};
+use pgkeep_pg::WalSegSize;
+use pgkeep_repo::{keys, LocalStorage, Storage};
+
+use crate::config::Config;
+
+/// The repository of one cluster.
+pub struct Repo {
+    pub root: PathBuf,
+    pub storage: LocalStorage,
+    pub catalog: Catalog,
+    pub identity: RepoIdentity,
+}
+
+impl Repo {
+    /// Open the configured repository; a missing one is an error telling to run `pgkeep init`.
+    pub fn open(cfg: &Config) -> Result<Repo> {
+        let root = cfg.repo.path.clone();
+        let catalog_path = catalog_path(&root);
+        if !catalog_path.exists() {
+            bail!(
+                "repository {} is not initialised: run `pgkeep init` (or fix [repo] path in {})",
+                root.display(),
+                cfg.config_path.display()
+            );
+        }
+        let catalog = Catalog::open(&catalog_path)
+            .with_context(|| format!("opening catalog {}", catalog_path.display()))?;
+        let identity = catalog.identity()?;
+        Ok(Repo {
+            storage: LocalStorage::new(&root),
+            root,
+            catalog,
+            identity,
+        })
+    }
+
+    /// The WAL segment size of the cluster this repository serves.
+    pub fn wal_seg_size(&self) -> Result<WalSegSize> {
+        WalSegSize::new(u64::from(self.identity.wal_segment_size)).with_context(|| {
+            format!(
+                "catalog of {} holds an invalid WAL segment size",
+                self.root.display()
+            )
+        })
+    }
+
+    pub fn storage(&self) -> &dyn Storage {
+        &self.storage
+    }
+}
+
+/// Where the SQLite catalog lives inside a repository.
+pub fn catalog_path(root: &Path) -> PathBuf {
+    root.join(keys::CATALOG_FILE)
+}
+
+/// Create a directory (and parents) with mode 0700, as every repository directory is.
+pub fn create_private_dir(path: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("creating directory {}", path.display()))
+}

@@ -1,0 +1,378 @@
+//! `LocalStorage`: repository objects as files in a directory tree, written atomically.
+//!
+//! Every object is written to a temporary file next to its final name, fsynced, then renamed
+//! (or hard-linked, when an existing object must not be replaced) into place and the directory
+//! fsynced. A writer killed at any point therefore leaves at worst a temporary file, which `list`
+//! never shows and `remove_stale_temps` cleans up, and never a partial file under a final name.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::key;
+use crate::{PendingObject, Result, Storage, StorageError};
+
+/// Repository objects as files under `root`; keys map to relative paths.
+#[derive(Debug)]
+pub struct LocalStorage {
+    root: PathBuf,
+}
+
+impl LocalStorage {
+    /// Storage rooted at `root`, which is created (0700) on the first write if missing.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalStorage { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Removes the temporary files of interrupted writes under `prefix` ("" = everywhere) and
+    /// returns how many it removed. Files of writers that are still running on this host (their
+    /// pid is alive, or is ours) are left alone; a writer on another host sharing the repository
+    /// would see its commit fail cleanly, never a damaged object.
+    pub fn remove_stale_temps(&self, prefix: &str) -> Result<usize> {
+        let prefix = key::check_prefix(prefix)?;
+        let mut removed = 0;
+        let mut result = Ok(());
+        self.walk(prefix, |_, name, path| {
+            let Some(pid) = key::temp_pid(name) else {
+                return;
+            };
+            if pid == std::process::id() || process_alive(pid) {
+                return;
+            }
+            match fs::remove_file(path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) if result.is_ok() => result = Err(StorageError::io(prefix, e)),
+                Err(_) => {}
+            }
+        })?;
+        result.map(|()| removed)
+    }
+
+    /// An error about the repository as a whole, named by its root directory.
+    fn root_error(&self, source: io::Error) -> StorageError {
+        StorageError::io(&self.root.to_string_lossy(), source)
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    /// Calls `each(dir_key, name, path)` for every regular file under `prefix`, temporary files
+    /// included. Symbolic links inside the repository are not followed.
+    fn walk(&self, prefix: &str, mut each: impl FnMut(&str, &str, &Path)) -> Result<()> {
+        let mut dirs = vec![(prefix.to_owned(), self.path(prefix))];
+        while let Some((dir_key, dir)) = dirs.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                // An absent prefix, or one that names a file, has nothing under it.
+                Err(e) if is_absent(&e) => continue,
+                Err(e) => return Err(StorageError::io(&dir_key, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| StorageError::io(&dir_key, e))?;
+                let kind = entry
+                    .file_type()
+                    .map_err(|e| StorageError::io(&dir_key, e))?;
+                // Names that are not UTF-8 cannot be keys, so they are not ours to list.
+                let Ok(name) = entry.file_name().into_string() else {
+                    continue;
+                };
+                if kind.is_dir() {
+                    let child = join_key(&dir_key, &name);
+                    dirs.push((child, entry.path()));
+                } else if kind.is_file() {
+                    each(&dir_key, &name, &entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates `dir` and any missing parents (0700), fsyncing each new directory's parent so the
+    /// directory survives a crash along with the files later committed into it.
+    fn ensure_dir(&self, key: &str, dir: &Path) -> Result<()> {
+        match fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => return Ok(()),
+            Ok(_) => {
+                let e = io::Error::new(ErrorKind::AlreadyExists, "not a directory");
+                return Err(StorageError::io(key, e));
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::io(key, e)),
+        }
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent {
+            self.ensure_dir(key, parent)?;
+        }
+        match DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            // Another writer created it first; its metadata check above will pass next time.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+            Err(e) => return Err(StorageError::io(key, e)),
+        }
+        // Explicitly, because the mode given to mkdir is filtered through the umask.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| StorageError::io(key, e))?;
+        if let Some(parent) = parent {
+            fsync_dir(parent).map_err(|e| StorageError::io(key, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Storage for LocalStorage {
+    fn create(&self, key: &str) -> Result<Box<dyn PendingObject>> {
+        key::check(key)?;
+        let path = self.path(key);
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(StorageError::InvalidKey {
+                key: key.to_owned(),
+            });
+        };
+        let name = name.to_string_lossy();
+        self.ensure_dir(key, dir)?;
+        let n = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
+        let temp = dir.join(key::temp_name(&name, std::process::id(), n));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(|e| StorageError::io(key, e))?;
+        let pending = LocalPending {
+            key: key.to_owned(),
+            file: BufWriter::with_capacity(WRITE_BUFFER, file),
+            temp,
+            dir: dir.to_owned(),
+            path,
+            committed: false,
+        };
+        // From here on, dropping `pending` removes the temporary file.
+        pending
+            .file
+            .get_ref()
+            .set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(|e| StorageError::io(key, e))?;
+        Ok(Box::new(pending))
+    }
+
+    fn open(&self, key: &str) -> Result<Box<dyn Read + Send>> {
+        key::check(key)?;
+        let file = match File::open(self.path(key)) {
+            Ok(file) => file,
+            Err(e) if is_absent(&e) => return Err(not_found(key)),
+            Err(e) => return Err(StorageError::io(key, e)),
+        };
+        let meta = file.metadata().map_err(|e| StorageError::io(key, e))?;
+        if !meta.is_file() {
+            return Err(not_found(key));
+        }
+        // Objects are read front to back; a bigger readahead window helps validate and restore.
+        // SAFETY: plain syscall on a descriptor we own; advice failing is harmless.
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+        }
+        // Buffered so the small header reads of a frame do not each cost a syscall; block-sized
+        // reads bypass the buffer.
+        Ok(Box::new(BufReader::with_capacity(READ_BUFFER, file)))
+    }
+
+    fn size(&self, key: &str) -> Result<Option<u64>> {
+        key::check(key)?;
+        match fs::metadata(self.path(key)) {
+            Ok(meta) if meta.is_file() => Ok(Some(meta.len())),
+            Ok(_) => Ok(None),
+            Err(e) if is_absent(&e) => Ok(None),
+            Err(e) => Err(StorageError::io(key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let prefix = key::check_prefix(prefix)?;
+        let mut keys = Vec::new();
+        self.walk(prefix, |dir_key, name, _| {
+            if !key::is_temp_name(name) {
+                keys.push(join_key(dir_key, name));
+            }
+        })?;
+        keys.sort_unstable();
+        Ok(keys)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        key::check(key)?;
+        match fs::remove_file(self.path(key)) {
+            Ok(()) => Ok(()),
+            Err(e) if is_absent(&e) => Ok(()),
+            Err(e) => Err(StorageError::io(key, e)),
+        }
+    }
+
+    fn sync(&self) -> Result<()> {
+        let root = File::open(&self.root).map_err(|e| self.root_error(e))?;
+        // SAFETY: plain syscall on a descriptor we own.
+        if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
+            return Err(self.root_error(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        let prefix = key::check_prefix(prefix)?;
+        if prefix.is_empty() {
+            return Err(StorageError::InvalidKey { key: String::new() });
+        }
+        let path = self.path(prefix);
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => {}
+            // A file is not a directory: nothing lies under it.
+            Ok(_) => return Ok(()),
+            Err(e) if is_absent(&e) => return Ok(()),
+            Err(e) => return Err(StorageError::io(prefix, e)),
+        }
+        match fs::remove_dir_all(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StorageError::io(prefix, e)),
+        }
+        match path.parent() {
+            Some(parent) => fsync_dir(parent).map_err(|e| StorageError::io(prefix, e)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An object being written to its temporary file.
+struct LocalPending {
+    key: String,
+    file: BufWriter<File>,
+    temp: PathBuf,
+    dir: PathBuf,
+    path: PathBuf,
+    /// Set once the temporary file is gone (renamed or unlinked), so drop leaves it alone.
+    committed: bool,
+}
+
+impl LocalPending {
+    fn sync(&mut self) -> Result<()> {
+        self.file
+            .flush()
+            .and_then(|()| self.file.get_ref().sync_data())
+            .map_err(|e| StorageError::io(&self.key, e))
+    }
+
+    fn sync_dir(&self) -> Result<()> {
+        fsync_dir(&self.dir).map_err(|e| StorageError::io(&self.key, e))
+    }
+}
+
+impl Write for LocalPending {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl PendingObject for LocalPending {
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        self.sync()?;
+        fs::rename(&self.temp, &self.path).map_err(|e| StorageError::io(&self.key, e))?;
+        self.committed = true;
+        self.sync_dir()
+    }
+
+    fn commit_unsynced(mut self: Box<Self>) -> Result<()> {
+        self.file
+            .flush()
+            .map_err(|e| StorageError::io(&self.key, e))?;
+        fs::rename(&self.temp, &self.path).map_err(|e| StorageError::io(&self.key, e))?;
+        self.committed = true;
+        Ok(())
+    }
+
+    fn commit_new(mut self: Box<Self>) -> Result<()> {
+        self.sync()?;
+        // link(2) fails with EEXIST instead of replacing, atomically, which rename cannot do.
+        match fs::hard_link(&self.temp, &self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                return Err(StorageError::AlreadyExists {
+                    key: self.key.clone(),
+                })
+            }
+            Err(e) => return Err(StorageError::io(&self.key, e)),
+        }
+        // The object is committed now; a leftover temporary name is only clutter (never listed,
+        // removed by remove_stale_temps), so failing to unlink it is not the caller's problem.
+        if fs::remove_file(&self.temp).is_ok() {
+            self.committed = true;
+        }
+        self.sync_dir()
+    }
+}
+
+impl Drop for LocalPending {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Small writes (metadata, block headers) are gathered; block-sized writes go straight through.
+const WRITE_BUFFER: usize = 64 * 1024;
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Distinguishes temporary files of concurrent writers in one process.
+static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
+
+fn join_key(dir_key: &str, name: &str) -> String {
+    if dir_key.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{dir_key}/{name}")
+    }
+}
+
+fn not_found(key: &str) -> StorageError {
+    StorageError::NotFound {
+        key: key.to_owned(),
+    }
+}
+
+/// Missing, or a path component is a file: either way nothing is at the key.
+fn is_absent(e: &io::Error) -> bool {
+    e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
+}
+
+/// Makes a directory's entries (new, renamed or removed files) durable.
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists and delivers nothing.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}

@@ -1,0 +1,279 @@
+//! `archive-push`, `archive-get` and `check` against real clusters.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::harness::{chown_to_postgres, Cluster, ClusterOptions};
+
+/// Names of the segments PostgreSQL marked archived (`.done`), oldest first.
+fn done_segments(cluster: &Cluster) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(cluster.data.join("pg_wal/archive_status"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".done")
+                .map(str::to_string)
+        })
+        .filter(|n| n.len() == 24)
+        .collect();
+    names.sort();
+    names
+}
+
+fn archive_get(cluster: &Cluster, name: &str) -> (crate::harness::Run, PathBuf) {
+    let dest = cluster.dir.subdir("restored").join(name);
+    let run = cluster.pgkeep(&["archive-get", name, dest.to_str().unwrap()]);
+    (run, dest)
+}
+
+#[test]
+fn archiving_under_pgbench_loses_nothing_and_get_returns_identical_bytes() {
+    let cluster = Cluster::new();
+    cluster.pg_tool_ok("pgbench", &["-i", "-s", "3", "-q"]);
+    cluster.pg_tool_ok("pgbench", &["-c", "2", "-t", "1500", "-n"]);
+    let last = cluster.switch_wal_and_wait();
+    let failed = cluster.query_text("SELECT failed_count::text FROM pg_stat_archiver");
+    assert_eq!(
+        failed,
+        "0",
+        "archiver failures; server log:\n{}",
+        fs::read_to_string(&cluster.log).unwrap()
+    );
+    let segments = done_segments(&cluster);
+    assert!(
+        segments.len() >= 3,
+        "too few segments archived: {segments:?}"
+    );
+    assert!(segments.contains(&last));
+    for name in &segments {
+        let (run, dest) = archive_get(&cluster, name);
+        assert!(run.success(), "archive-get {name}: {run:?}");
+        let original = fs::read(cluster.data.join("pg_wal").join(name)).unwrap();
+        assert!(
+            fs::read(&dest).unwrap() == original,
+            "{name} differs after archive-get"
+        );
+    }
+}
+
+#[test]
+fn same_content_again_succeeds_and_different_content_is_refused() {
+    let cluster = Cluster::new();
+    let name = cluster.switch_wal_and_wait();
+    // The archiver's retry after a crash: same name, same bytes.
+    let rel = format!("pg_wal/{name}");
+    let run = cluster.pgkeep_in(&cluster.data, &["archive-push", &rel]);
+    assert!(run.success(), "{run:?}");
+    // Same name, other bytes: refused, original kept.
+    let fake_dir = cluster.dir.subdir("fake");
+    let fake = fake_dir.join(&name);
+    let mut bytes = fs::read(cluster.data.join(&rel)).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    fs::write(&fake, &bytes).unwrap();
+    chown_to_postgres(&fake);
+    let run = cluster.pgkeep(&["archive-push", fake.to_str().unwrap()]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains(&name) && run.stderr.contains("different content"),
+        "{run:?}"
+    );
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    let (run, dest) = archive_get(&cluster, &name);
+    assert!(run.success(), "{run:?}");
+    assert!(fs::read(dest).unwrap() == fs::read(cluster.data.join(&rel)).unwrap());
+}
+
+#[test]
+fn random_bytes_and_foreign_segments_are_refused() {
+    let cluster = Cluster::new();
+    let other = Cluster::with(ClusterOptions {
+        init_repo: false,
+        archive: false,
+        ..Default::default()
+    });
+    let dir = cluster.dir.subdir("incoming");
+    // 16 MiB of noise under a segment name.
+    let noise: Vec<u8> = (0..16u32 * 1024 * 1024)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let noise_path = dir.join("0000000100000000000000F0");
+    fs::write(&noise_path, noise).unwrap();
+    chown_to_postgres(&noise_path);
+    let run = cluster.pgkeep(&["archive-push", noise_path.to_str().unwrap()]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("0000000100000000000000F0"), "{run:?}");
+    // A real segment of another cluster.
+    let seg = other.query_text("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    let foreign = dir.join(&seg);
+    fs::copy(other.data.join("pg_wal").join(&seg), &foreign).unwrap();
+    chown_to_postgres(&foreign);
+    let run = cluster.pgkeep(&["archive-push", foreign.to_str().unwrap()]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("system identifier"), "{run:?}");
+    // Not a WAL name at all.
+    let junk = dir.join("notes.txt");
+    fs::write(&junk, "x").unwrap();
+    let run = cluster.pgkeep(&["archive-push", junk.to_str().unwrap()]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    // Nothing of these reached the archive.
+    for name in ["0000000100000000000000F0", seg.as_str()] {
+        let (run, _) = archive_get(&cluster, name);
+        assert_eq!(run.code, Some(1), "{name} should not be archived: {run:?}");
+    }
+}
+
+#[test]
+fn archive_get_of_a_missing_name_exits_1_quietly() {
+    let cluster = Cluster::new();
+    for name in ["00000002.history", "0000000100000000000000AA"] {
+        let (run, dest) = archive_get(&cluster, name);
+        assert_eq!(run.code, Some(1), "{run:?}");
+        assert_eq!(
+            run.stderr, "",
+            "archive-get of a missing file must be quiet"
+        );
+        assert!(!dest.exists());
+    }
+}
+
+#[test]
+fn history_files_are_archived_and_returned() {
+    let cluster = Cluster::new();
+    let dir = cluster.dir.subdir("incoming");
+    let history = dir.join("00000002.history");
+    fs::write(&history, "1\t0/3000000\tno recovery target specified\n").unwrap();
+    chown_to_postgres(&history);
+    cluster.pgkeep_ok(&["archive-push", history.to_str().unwrap()]);
+    let (run, dest) = archive_get(&cluster, "00000002.history");
+    assert!(run.success(), "{run:?}");
+    assert_eq!(fs::read(dest).unwrap(), fs::read(&history).unwrap());
+}
+
+#[test]
+fn corrupt_stored_segment_is_refused_by_archive_get() {
+    let cluster = Cluster::new();
+    let name = cluster.switch_wal_and_wait();
+    let stored = find_stored(&cluster.repo, &name);
+    let mut bytes = fs::read(&stored).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(&stored, bytes).unwrap();
+    let (run, dest) = archive_get(&cluster, &name);
+    assert_ne!(run.code, Some(0), "{run:?}");
+    assert!(run.stderr.contains(&name), "{run:?}");
+    assert!(!dest.exists(), "nothing may be written for a corrupt file");
+    let leftovers: Vec<_> = fs::read_dir(dest.parent().unwrap()).unwrap().collect();
+    assert!(leftovers.is_empty(), "temp file left behind: {leftovers:?}");
+}
+
+/// The repository file holding an archived WAL file.
+fn find_stored(repo: &Path, name: &str) -> PathBuf {
+    let mut stack = vec![repo.join("archive")];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().unwrap().to_str().unwrap() == format!("{name}.lz4") {
+                return p;
+            }
+        }
+    }
+    panic!("{name} not found in {}", repo.display());
+}
+
+#[test]
+fn push_killed_mid_write_leaves_nothing_under_the_final_name_and_retry_succeeds() {
+    let cluster = Cluster::with(ClusterOptions {
+        archive: false,
+        ..Default::default()
+    });
+    cluster.pg_tool_ok("pgbench", &["-i", "-s", "2", "-q"]);
+    cluster.execute("CHECKPOINT");
+    let current = cluster.query_text("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    let mut segments: Vec<String> = fs::read_dir(cluster.data.join("pg_wal"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.len() == 24 && *n < current)
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 2, "{segments:?}");
+    let mut killed_mid_write = 0;
+    for (i, name) in segments.iter().enumerate() {
+        let mut child = crate::harness::user_command(&cluster.pgkeep_bin)
+            .current_dir(&cluster.data)
+            .arg("--config")
+            .arg(&cluster.config)
+            .args(["archive-push", &format!("pg_wal/{name}")])
+            .spawn()
+            .unwrap();
+        // Spread the kills over the push's lifetime.
+        std::thread::sleep(Duration::from_millis(2 + (i as u64 * 7) % 40));
+        crate::harness::kill_tree(child.id());
+        let status = child.wait().unwrap();
+        if !status.success() {
+            killed_mid_write += 1;
+        }
+        let (run, dest) = archive_get(&cluster, name);
+        if run.success() {
+            // Whatever is under the final name must be the whole file.
+            assert!(
+                fs::read(&dest).unwrap()
+                    == fs::read(cluster.data.join("pg_wal").join(name)).unwrap()
+            );
+        } else {
+            assert_eq!(run.code, Some(1), "{run:?}");
+        }
+        let retry = cluster.pgkeep_in(&cluster.data, &["archive-push", &format!("pg_wal/{name}")]);
+        assert!(retry.success(), "retry after kill: {retry:?}");
+        let (run, dest) = archive_get(&cluster, name);
+        assert!(run.success(), "{run:?}");
+        assert!(
+            fs::read(&dest).unwrap() == fs::read(cluster.data.join("pg_wal").join(name)).unwrap()
+        );
+    }
+    eprintln!(
+        "{killed_mid_write} of {} pushes were killed before finishing",
+        segments.len()
+    );
+}
+
+#[test]
+fn check_reports_each_check_and_confirms_archiving() {
+    let cluster = Cluster::new();
+    let run = cluster.pgkeep_ok(&["check"]);
+    for what in [
+        "wal_level",
+        "archive_mode",
+        "archive_command",
+        "repository",
+        "archiving",
+    ] {
+        assert!(
+            run.stdout
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(what)),
+            "missing ok line for {what}: {run:?}"
+        );
+    }
+}
+
+#[test]
+fn check_fails_naming_the_fix_when_archiving_is_off() {
+    let cluster = Cluster::with(ClusterOptions {
+        archive: false,
+        ..Default::default()
+    });
+    let run = cluster.pgkeep(&["check"]);
+    assert_eq!(run.code, Some(3), "{run:?}");
+    assert!(
+        run.stdout.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("archive_mode")
+            && l.contains("archive_mode = on")),
+        "{run:?}"
+    );
+}

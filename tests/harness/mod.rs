@@ -1,0 +1,535 @@
+//! Throwaway PostgreSQL clusters and a runner for the real `pgkeep` binary.
+//!
+//! Servers never run as root: when the tests run as root (as CI does), every PostgreSQL program
+//! and every pgkeep command runs as the `postgres` OS user through `runuser`, in a temp directory
+//! under /tmp that user owns, with a copy of the pgkeep binary that user can execute.
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+/// The PostgreSQL server binaries: `$PGKEEP_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`.
+pub fn pg_bin() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PGKEEP_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let mut found: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .expect("no /usr/lib/postgresql: install PostgreSQL server packages or set PGKEEP_PG_BIN")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let major = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((major, bin))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .map(|(_, b)| b)
+        .expect("no PostgreSQL server found under /usr/lib/postgresql: set PGKEEP_PG_BIN")
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// uid and gid of the `postgres` OS user.
+fn postgres_ids() -> (u32, u32) {
+    let name = std::ffi::CString::new("postgres").unwrap();
+    // SAFETY: getpwnam returns a pointer to static storage or null; read before any other call.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    assert!(!pw.is_null(), "tests run as root need a `postgres` OS user");
+    unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
+}
+
+/// Give a path to the `postgres` user when running as root.
+pub fn chown_to_postgres(path: &Path) {
+    if is_root() {
+        let (uid, gid) = postgres_ids();
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+    }
+}
+
+/// A command that runs as the cluster's OS user: `postgres` under `runuser` when we are root.
+pub fn user_command(program: impl AsRef<OsStr>) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A temp directory under /tmp that the `postgres` user owns; removed on drop.
+pub struct TestDir {
+    dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new() -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix("pgkeep-test-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        chown_to_postgres(dir.path());
+        TestDir { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A subdirectory owned by the `postgres` user.
+    pub fn subdir(&self, name: &str) -> PathBuf {
+        let p = self.path().join(name);
+        fs::create_dir_all(&p).unwrap();
+        chown_to_postgres(&p);
+        p
+    }
+
+    /// Write a file owned by the `postgres` user.
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.path().join(name);
+        fs::write(&p, contents).unwrap();
+        chown_to_postgres(&p);
+        p
+    }
+}
+
+/// The pgkeep binary copied where the `postgres` user can run it (the build dir may be under
+/// /root). One copy per test directory keeps tests independent.
+fn install_pgkeep(dir: &TestDir) -> PathBuf {
+    let bin_dir = dir.subdir("bin");
+    let bin = bin_dir.join("pgkeep");
+    fs::copy(env!("CARGO_BIN_EXE_pgkeep"), &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// Output of a finished command with its streams as text.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Options for a new cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// `archive_command` = pgkeep archive-push into this cluster's repository.
+    pub archive: bool,
+    /// Run `pgkeep init` once the server is up.
+    pub init_repo: bool,
+    /// Extra postgresql.conf lines.
+    pub conf: Vec<String>,
+    /// Extra initdb arguments.
+    pub initdb_args: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            archive: true,
+            init_repo: true,
+            conf: Vec::new(),
+            initdb_args: Vec::new(),
+        }
+    }
+}
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+fn next_port() -> u16 {
+    // The socket directory is private to the cluster, so the port only has to differ between
+    // clusters of one test process; spread by pid anyway to keep server logs readable.
+    let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+    20000 + ((std::process::id() % 2000) as u16) * 16 + n % 16
+}
+
+/// A running throwaway cluster with its own pgkeep config and repository.
+pub struct Cluster {
+    pub dir: TestDir,
+    pub data: PathBuf,
+    pub sock: PathBuf,
+    pub port: u16,
+    pub pgkeep_bin: PathBuf,
+    pub config: PathBuf,
+    pub repo: PathBuf,
+    pub log: PathBuf,
+    running: bool,
+}
+
+impl Cluster {
+    /// initdb -k, archive to pgkeep, start, `pgkeep init`.
+    pub fn new() -> Cluster {
+        Cluster::with(ClusterOptions::default())
+    }
+
+    pub fn with(opts: ClusterOptions) -> Cluster {
+        let dir = TestDir::new();
+        let data = dir.path().join("data");
+        let sock = dir.subdir("sock");
+        let repo = dir.path().join("repo");
+        let log = dir.path().join("server.log");
+        let pgkeep_bin = install_pgkeep(&dir);
+        let port = next_port();
+        let config = dir.write(
+            "pgkeep.toml",
+            format!(
+                "[repo]\npath = \"{}\"\n[pg]\ndata = \"{}\"\nhost = \"{}\"\nport = {port}\nuser = \"postgres\"\n[backup]\narchive-timeout = 60\n[archive]\ncheck-timeout = 30\n",
+                repo.display(),
+                data.display(),
+                sock.display()
+            ),
+        );
+        let out = user_command(pg_bin().join("initdb"))
+            .current_dir(dir.path())
+            .args([
+                "-k",
+                "-N",
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "-D",
+            ])
+            .arg(&data)
+            .args(&opts.initdb_args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb failed: {:?}", Run::from(out));
+        let mut conf = vec![
+            format!("port = {port}"),
+            "listen_addresses = ''".to_string(),
+            format!("unix_socket_directories = '{}'", sock.display()),
+            "wal_level = replica".to_string(),
+            "max_wal_senders = 4".to_string(),
+            "fsync = off".to_string(),
+            "shared_buffers = 64MB".to_string(),
+            "max_wal_size = 2GB".to_string(),
+            "wal_keep_size = 2GB".to_string(),
+            "log_min_messages = warning".to_string(),
+        ];
+        if opts.archive {
+            conf.push("archive_mode = on".to_string());
+            conf.push(format!(
+                "archive_command = '{} --config {} archive-push %p'",
+                pgkeep_bin.display(),
+                config.display()
+            ));
+        }
+        conf.extend(opts.conf.iter().cloned());
+        let mut text = fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        text.push_str("\n# test harness\n");
+        text.push_str(&conf.join("\n"));
+        text.push('\n');
+        fs::write(data.join("postgresql.conf"), text).unwrap();
+        let mut cluster = Cluster {
+            dir,
+            data,
+            sock,
+            port,
+            pgkeep_bin,
+            config,
+            repo,
+            log,
+            running: false,
+        };
+        cluster.start();
+        if opts.init_repo {
+            cluster.pgkeep_ok(&["init"]);
+        }
+        cluster
+    }
+
+    pub fn start(&mut self) {
+        let out = user_command(pg_bin().join("pg_ctl"))
+            .current_dir(self.dir.path())
+            .args(["-w", "-t", "60", "-D"])
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .arg("start")
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            panic!(
+                "pg_ctl start failed: {:?}\n--- server log\n{}",
+                Run::from(out),
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+        self.running = true;
+    }
+
+    /// Stop with a clean shutdown (checkpoint), as a DBA would before wiping a cluster.
+    pub fn stop(&mut self) {
+        if self.running {
+            pg_ctl_stop(&self.data, "fast");
+            self.running = false;
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// A new client connection.
+    pub fn client(&self) -> postgres::Client {
+        postgres::Config::new()
+            .host(self.sock.to_str().unwrap())
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres")
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connect to test cluster: {e}"))
+    }
+
+    /// Run SQL statements.
+    pub fn execute(&self, sql: &str) {
+        self.client()
+            .batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// First column of the first row, as text (cast in SQL with ::text).
+    pub fn query_text(&self, sql: &str) -> String {
+        let row = self
+            .client()
+            .query_one(sql, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        row.get(0)
+    }
+
+    /// Run pgkeep with this cluster's config, as the cluster's OS user.
+    pub fn pgkeep(&self, args: &[&str]) -> Run {
+        self.pgkeep_in(self.dir.path(), args)
+    }
+
+    /// Same, from a given working directory (PostgreSQL runs archive-push from the data dir).
+    pub fn pgkeep_in(&self, cwd: &Path, args: &[&str]) -> Run {
+        let out = user_command(&self.pgkeep_bin)
+            .current_dir(cwd)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        Run::from(out)
+    }
+
+    /// Run pgkeep and panic with its output unless it exits 0.
+    pub fn pgkeep_ok(&self, args: &[&str]) -> Run {
+        let run = self.pgkeep(args);
+        assert!(run.success(), "pgkeep {args:?} failed: {run:?}");
+        run
+    }
+
+    /// Switch WAL and wait until PostgreSQL reports the switched segment archived.
+    pub fn switch_wal_and_wait(&self) -> String {
+        self.execute("SELECT pg_create_restore_point('test')");
+        let seg = self.query_text("SELECT pg_walfile_name(pg_switch_wal())");
+        self.wait_archived(&seg);
+        seg
+    }
+
+    /// Wait until `pg_stat_archiver.last_archived_wal` reaches `segment`.
+    pub fn wait_archived(&self, segment: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let last =
+                self.query_text("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+            if last.as_str() >= segment {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "segment {segment} not archived after 60 s (last {last}); server log:\n{}",
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Run a PostgreSQL client program (pgbench, pg_checksums ...) against this cluster.
+    pub fn pg_tool(&self, tool: &str, args: &[&str]) -> Run {
+        let out = user_command(pg_bin().join(tool))
+            .current_dir(self.dir.path())
+            .env("PGHOST", &self.sock)
+            .env("PGPORT", self.port.to_string())
+            .env("PGUSER", "postgres")
+            .env("PGDATABASE", "postgres")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        Run::from(out)
+    }
+
+    pub fn pg_tool_ok(&self, tool: &str, args: &[&str]) -> Run {
+        let run = self.pg_tool(tool, args);
+        assert!(run.success(), "{tool} {args:?} failed: {run:?}");
+        run
+    }
+}
+
+fn pg_ctl_stop(data: &Path, mode: &str) {
+    let _ = user_command(pg_bin().join("pg_ctl"))
+        .current_dir("/tmp")
+        .args(["-w", "-t", "60", "-m", mode, "-D"])
+        .arg(data)
+        .arg("stop")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Also runs when a test panics, so no server outlives its test.
+        if self.running {
+            pg_ctl_stop(&self.data, "immediate");
+        }
+    }
+}
+
+/// SIGKILL a process and its children (under runuser, the real pgkeep is runuser's child).
+pub fn kill_tree(pid: u32) {
+    let children =
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for child in children.split_whitespace() {
+        if let Ok(c) = child.parse() {
+            kill_tree(c);
+        }
+    }
+    // SAFETY: sending a signal to a process this test spawned.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+}
+
+impl Cluster {
+    /// Stop the server and delete its data directory, as after losing the machine.
+    pub fn stop_and_wipe(&mut self) {
+        self.stop();
+        fs::remove_dir_all(&self.data).unwrap();
+    }
+
+    /// Restore into this cluster's (wiped) data directory with extra restore flags.
+    pub fn restore(&self, args: &[&str]) -> Run {
+        let mut full = vec!["restore", "--pgdata", self.data.to_str().unwrap()];
+        full.extend_from_slice(args);
+        self.pgkeep(&full)
+    }
+
+    /// Wait until recovery has ended and the server accepts writes.
+    pub fn wait_promoted(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let done = postgres::Config::new()
+                .host(self.sock.to_str().unwrap())
+                .port(self.port)
+                .user("postgres")
+                .dbname("postgres")
+                .connect(postgres::NoTls)
+                .ok()
+                .and_then(|mut c| c.query_one("SELECT NOT pg_is_in_recovery()", &[]).ok())
+                .is_some_and(|r| r.get::<_, bool>(0));
+            if done {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "recovery did not finish in 120 s; server log:\n{}",
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// md5 of a table's rows in key order: equal fingerprints mean equal contents.
+    pub fn fingerprint(&self, table: &str, order_by: &str) -> String {
+        self.query_text(&format!(
+            "SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY {order_by})), '') FROM {table} t"
+        ))
+    }
+
+    /// The backups `show --json` lists.
+    pub fn backups(&self) -> Vec<serde_json::Value> {
+        let run = self.pgkeep_ok(&["show", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        v["backups"].as_array().unwrap().clone()
+    }
+
+    /// Take a backup and return its `show --json` entry.
+    pub fn backup(&self, kind: &str) -> serde_json::Value {
+        let run = self.pgkeep_ok(&["backup", "--type", kind]);
+        let label = run.stdout.split_whitespace().nth(1).unwrap().to_string();
+        self.backups()
+            .into_iter()
+            .find(|b| b["label"] == label.as_str())
+            .unwrap_or_else(|| panic!("backup {label} not listed"))
+    }
+
+    /// Paths (relative to PGDATA) of the files a backup stored in the repository.
+    pub fn stored_paths(&self, label: &str) -> Vec<String> {
+        let root = self.repo.join("backup").join(label).join("data");
+        let mut out = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            for e in fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if let Some(rel) = p
+                    .strip_prefix(&root)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .strip_suffix(".lz4")
+                {
+                    out.push(rel.to_string());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}

@@ -1,0 +1,230 @@
+//! `pgkeep restore` and point-in-time recovery against real clusters.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::harness::{Cluster, Run};
+
+/// The server's clock now, as text with an explicit offset.
+fn server_now(cluster: &Cluster) -> String {
+    cluster.query_text(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
+    )
+}
+
+/// Nothing at all under `dir` (or `dir` absent).
+fn is_empty_or_absent(dir: &Path) -> bool {
+    fs::read_dir(dir)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
+}
+
+#[test]
+fn restore_to_a_time_brings_back_deleted_rows() {
+    let mut cluster = Cluster::new();
+    cluster.execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 100) g;");
+    cluster.backup("full");
+    std::thread::sleep(Duration::from_millis(300));
+    let t = server_now(&cluster);
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.execute("DELETE FROM t WHERE id <= 10");
+    cluster.switch_wal_and_wait();
+    cluster.stop_and_wipe();
+    let run = cluster.restore(&["--target-time", &t, "--target-action", "promote"]);
+    assert!(run.success(), "{run:?}");
+    let auto = fs::read_to_string(cluster.data.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains("recovery_target_time = '") && auto.contains("+00:00'"),
+        "{auto}"
+    );
+    assert!(cluster.data.join("recovery.signal").exists());
+    cluster.start();
+    cluster.wait_promoted();
+    assert_eq!(cluster.query_text("SELECT count(*)::text FROM t"), "100");
+}
+
+#[test]
+fn restore_to_a_time_after_a_backup_under_load_matches_fingerprints() {
+    let mut cluster = Cluster::new();
+    cluster.pg_tool_ok("pgbench", &["-i", "-s", "3", "-q"]);
+    std::thread::scope(|s| {
+        let load = s.spawn(|| cluster.pg_tool("pgbench", &["-c", "2", "-T", "5", "-n"]));
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.backup("full");
+        assert!(load.join().unwrap().success());
+    });
+    // Writes paused around T: the fingerprints taken now hold at T.
+    let tables = [
+        ("pgbench_accounts", "aid"),
+        ("pgbench_branches", "bid"),
+        ("pgbench_tellers", "tid"),
+        ("pgbench_history", "t::text"),
+    ];
+    let before: Vec<String> = tables
+        .iter()
+        .map(|(t, k)| cluster.fingerprint(t, k))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = server_now(&cluster);
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.pg_tool_ok("pgbench", &["-c", "2", "-t", "300", "-n"]);
+    cluster.switch_wal_and_wait();
+    cluster.stop_and_wipe();
+    let run = cluster.restore(&["--target-time", &t, "--target-action", "promote"]);
+    assert!(run.success(), "{run:?}");
+    cluster.start();
+    cluster.wait_promoted();
+    let after: Vec<String> = tables
+        .iter()
+        .map(|(t, k)| cluster.fingerprint(t, k))
+        .collect();
+    assert_eq!(before, after);
+    check_restored_cluster(&mut cluster);
+}
+
+/// pg_amcheck on the running cluster, pg_checksums on the stopped one: both clean.
+fn check_restored_cluster(cluster: &mut Cluster) {
+    let run = cluster.pg_tool(
+        "pg_amcheck",
+        &["--all", "--install-missing", "--heapallindexed"],
+    );
+    assert!(run.success(), "pg_amcheck: {run:?}");
+    cluster.stop();
+    let run = cluster.pg_tool(
+        "pg_checksums",
+        &["--check", "-D", cluster.data.to_str().unwrap()],
+    );
+    assert!(run.success(), "pg_checksums: {run:?}");
+    cluster.start();
+}
+
+#[test]
+fn restore_without_target_replays_to_the_end_of_the_archive() {
+    let mut cluster = Cluster::new();
+    cluster.execute("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 50);");
+    cluster.backup("full");
+    cluster.execute("INSERT INTO t SELECT generate_series(51, 80);");
+    cluster.switch_wal_and_wait();
+    cluster.stop_and_wipe();
+    let run = cluster.restore(&[]);
+    assert!(run.success(), "{run:?}");
+    cluster.start();
+    cluster.wait_promoted();
+    assert_eq!(cluster.query_text("SELECT count(*)::text FROM t"), "80");
+    check_restored_cluster(&mut cluster);
+}
+
+#[test]
+fn restore_refuses_bad_targets_and_directories_and_writes_nothing() {
+    let cluster = Cluster::new();
+    cluster.backup("full");
+    let dest = cluster.dir.path().join("restored");
+    let before_every_backup = "2001-01-01 00:00:00+00";
+    let run = cluster.pgkeep(&[
+        "restore",
+        "--pgdata",
+        dest.to_str().unwrap(),
+        "--target-time",
+        before_every_backup,
+    ]);
+    assert_one_line(&run, "earliest restorable time");
+    assert!(is_empty_or_absent(&dest));
+    // A non-empty directory.
+    let busy = cluster.dir.subdir("busy");
+    cluster.dir.write("busy/keepme", "x");
+    let run = cluster.pgkeep(&["restore", "--pgdata", busy.to_str().unwrap()]);
+    assert_one_line(&run, "not empty");
+    assert_eq!(fs::read_dir(&busy).unwrap().count(), 1);
+    // The live cluster's own data directory, postmaster running.
+    let run = cluster.pgkeep(&[
+        "restore",
+        "--pgdata",
+        cluster.data.to_str().unwrap(),
+        "--delta",
+    ]);
+    assert_one_line(&run, "postmaster");
+    // An unknown label.
+    let run = cluster.pgkeep(&[
+        "restore",
+        "--pgdata",
+        dest.to_str().unwrap(),
+        "--backup",
+        "20000101-000000F",
+    ]);
+    assert_one_line(&run, "20000101-000000F");
+    assert!(is_empty_or_absent(&dest));
+}
+
+fn assert_one_line(run: &Run, needle: &str) {
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    assert!(run.stderr.contains(needle), "expected {needle:?}: {run:?}");
+}
+
+/// Every file under `root` with its bytes, by relative path.
+fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if p.is_dir() {
+                out.push((rel, Vec::new()));
+                stack.push(p);
+            } else {
+                out.push((rel, fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn delta_restore_over_a_diverged_copy_is_byte_identical_to_a_fresh_restore() {
+    let mut cluster = Cluster::new();
+    cluster.pg_tool_ok("pgbench", &["-i", "-s", "2", "-q"]);
+    cluster.backup("full");
+    // The live cluster diverges: more writes, a new table, a checkpoint.
+    cluster.pg_tool_ok("pgbench", &["-c", "1", "-t", "500", "-n"]);
+    cluster.execute("CREATE TABLE extra AS SELECT generate_series(1, 10000) AS id; CHECKPOINT;");
+    cluster.stop();
+    let fresh = cluster.dir.path().join("fresh");
+    let run = cluster.pgkeep(&[
+        "restore",
+        "--pgdata",
+        fresh.to_str().unwrap(),
+        "--target",
+        "immediate",
+        "--target-action",
+        "promote",
+    ]);
+    assert!(run.success(), "{run:?}");
+    let run = cluster.pgkeep(&[
+        "restore",
+        "--pgdata",
+        cluster.data.to_str().unwrap(),
+        "--delta",
+        "--target",
+        "immediate",
+        "--target-action",
+        "promote",
+    ]);
+    assert!(run.success(), "{run:?}");
+    assert!(run.stdout.contains("kept"), "{run:?}");
+    let a = tree(&fresh);
+    let b = tree(&cluster.data);
+    let names = |t: &[(String, Vec<u8>)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&a), names(&b), "different file sets");
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x == y, "{name} differs");
+    }
+    cluster.start();
+    cluster.wait_promoted();
+    assert_eq!(
+        cluster.query_text("SELECT count(*)::text FROM pgbench_accounts"),
+        "200000"
+    );
+}

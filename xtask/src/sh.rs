@@ -1,0 +1,79 @@
+//! Process helpers for the xtasks: building, finding PostgreSQL, running as `postgres`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// `cargo build --release -p pgkeep-cli`; returns the binary's path.
+pub fn cargo_build_release() -> Result<PathBuf> {
+    run_checked(Command::new("cargo").args(["build", "--release", "-p", "pgkeep-cli"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join("release/pgkeep"))
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// `$PGKEEP_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`.
+pub fn pg_bin() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("PGKEEP_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut majors: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("no PostgreSQL under /usr/lib/postgresql: apt-get install postgresql, or set PGKEEP_PG_BIN")?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, b): &(u32, PathBuf)| b.join("initdb").exists())
+        .collect();
+    majors.sort();
+    majors
+        .pop()
+        .map(|(_, b)| b)
+        .context("no initdb under /usr/lib/postgresql/*/bin: apt-get install postgresql")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A command that runs as the `postgres` OS user when we are root (PostgreSQL refuses root).
+pub fn postgres_command(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Give a directory tree to the `postgres` OS user when we are root.
+pub fn give_to_postgres(dir: &Path) -> Result<()> {
+    if is_root() {
+        run_checked(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn run_checked(c: &mut Command) -> Result<()> {
+    let status = c.status().with_context(|| format!("starting {c:?}"))?;
+    if !status.success() {
+        bail!("{c:?} failed with {status}");
+    }
+    Ok(())
+}
