@@ -321,11 +321,17 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("connect to test cluster: {e}"))
     }
 
-    /// Run SQL statements.
+    /// Run SQL statements, each on its own (so VACUUM and CREATE TABLESPACE may be among them).
     pub fn execute(&self, sql: &str) {
-        self.client()
-            .batch_execute(sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let mut client = self.client();
+        for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            client.batch_execute(stmt).unwrap_or_else(|e| {
+                let detail = e
+                    .as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_string());
+                panic!("{stmt}: {detail}")
+            });
+        }
     }
 
     /// First column of the first row, as text (cast in SQL with ::text).

@@ -396,7 +396,7 @@ impl Copier<'_> {
             bail!("global/pg_control not found in the data directory: is [pg] data right?");
         }
         // Largest first, so no worker is left with a big file at the end.
-        todo.sort_by(|a, b| b.size.cmp(&a.size));
+        todo.sort_by_key(|e| std::cmp::Reverse(e.size));
         let total: u64 = todo.iter().chain(&control).map(|e| e.size).sum();
         self.progress.start("copying", Some(total));
         let results = parallel::for_each(&todo, jobs, |entry, buf| self.copy_file(entry, buf))?;

@@ -86,8 +86,13 @@ impl PgConn {
         Ok(row.get(0))
     }
 
+    /// The raw number behind a setting (`pg_settings.setting`, before units are applied).
     fn setting_u32(&mut self, name: &str) -> Result<u32> {
-        let v = self.setting(name)?;
+        let row = self
+            .client
+            .query_one("SELECT setting FROM pg_settings WHERE name = $1", &[&name])
+            .with_context(|| format!("reading setting {name}"))?;
+        let v: String = row.get(0);
         v.parse()
             .with_context(|| format!("setting {name} has unexpected value {v:?}"))
     }
@@ -117,6 +122,7 @@ impl PgConn {
             version_num: self.version_num,
             block_size: self.setting_u32("block_size")?,
             wal_segment_size,
+            // `segment_size` is counted in blocks.
             blocks_per_segment: self.setting_u32("segment_size")?,
             data_checksums: self.setting("data_checksums")? == "on",
             data_directory: PathBuf::from(self.setting("data_directory")?),

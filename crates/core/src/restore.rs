@@ -173,7 +173,7 @@ pub fn restore(
         .iter()
         .filter(|f| f.kind == FileKind::File)
         .partition(|f| f.path == "global/pg_control");
-    todo.sort_by(|a, b| b.size.cmp(&a.size));
+    todo.sort_by_key(|e| std::cmp::Reverse(e.size));
     let total: u64 = todo.iter().map(|f| f.size).sum();
     progress.start("restoring", Some(total));
     let jobs = opts

@@ -10,6 +10,7 @@ use crate::repo::Repo;
 /// Backups oldest first, optionally only the one with `label` (an unknown label is an error).
 pub fn show(cfg: &Config, label: Option<&str>) -> Result<Vec<BackupRecord>> {
     let repo = Repo::open(cfg)?;
+    crate::backup::mark_interrupted(&repo.catalog, false)?;
     let backups = repo.catalog.backups()?;
     match label {
         None => Ok(backups),
