@@ -189,3 +189,28 @@ fn diff_and_incr_are_refused_until_supported() {
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stderr.contains("--type full"), "{run:?}");
 }
+
+#[test]
+fn backup_whose_wal_never_reaches_the_archive_fails_after_the_timeout() {
+    let cluster = Cluster::new();
+    let text = std::fs::read_to_string(&cluster.config)
+        .unwrap()
+        .replace("archive-timeout = 60", "archive-timeout = 3");
+    std::fs::write(&cluster.config, text).unwrap();
+    // Still names pgkeep (so the pre-flight check passes) but never archives anything.
+    cluster.execute(&format!(
+        "ALTER SYSTEM SET archive_command = 'test -e /nonexistent && {} --config {} archive-push %p'; SELECT pg_reload_conf()",
+        cluster.pgkeep_bin.display(),
+        cluster.config.display()
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    let run = cluster.pgkeep(&["backup", "--type", "full"]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("not archived after 3 s") && run.stderr.contains("pg_stat_archiver"),
+        "{run:?}"
+    );
+    let b = &cluster.backups()[0];
+    assert_eq!(b["status"], "ERROR", "{b}");
+    assert!(b["error"].as_str().unwrap().contains("not archived"), "{b}");
+}

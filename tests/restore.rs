@@ -228,3 +228,53 @@ fn delta_restore_over_a_diverged_copy_is_byte_identical_to_a_fresh_restore() {
         "200000"
     );
 }
+
+#[test]
+fn restore_as_root_gives_files_their_recorded_owner_and_keeps_the_archiver_working() {
+    if !crate::harness::is_root() {
+        eprintln!("skipped: only meaningful when the tests run as root");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let cluster = Cluster::new();
+    cluster.backup("full");
+    let dest = cluster.dir.path().join("as-root");
+    let out = std::process::Command::new(&cluster.pgkeep_bin)
+        .arg("--config")
+        .arg(&cluster.config)
+        .args(["restore", "--pgdata", dest.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let owner = fs::metadata(cluster.data.join("PG_VERSION")).unwrap().uid();
+    assert_ne!(owner, 0);
+    for rel in [
+        "",
+        "PG_VERSION",
+        "global/pg_control",
+        "base",
+        "postgresql.auto.conf",
+        "backup_label",
+    ] {
+        assert_eq!(
+            fs::metadata(dest.join(rel)).unwrap().uid(),
+            owner,
+            "{rel} not owned by the cluster owner"
+        );
+    }
+    for e in fs::read_dir(&cluster.repo).unwrap() {
+        let e = e.unwrap();
+        assert_ne!(
+            e.metadata().unwrap().uid(),
+            0,
+            "{:?} is owned by root",
+            e.path()
+        );
+    }
+    // The archiver (running as the cluster owner) still writes into the catalog.
+    cluster.switch_wal_and_wait();
+}

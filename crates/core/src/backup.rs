@@ -272,8 +272,16 @@ fn run(
     repo.catalog.update_backup(record)?;
 
     progress.start("waiting for WAL", None);
+    let status_dir = cfg.pg.data.join("pg_wal/archive_status");
     wait_for_wal(&repo.catalog, &needed, cfg.backup.archive_timeout, |name| {
-        progress.message(&format!("waiting for {name} to be archived"))
+        let why = if status_dir.join(format!("{name}.ready")).exists() {
+            "PostgreSQL's archiver has not pushed it yet"
+        } else {
+            "not yet handed to the archiver"
+        };
+        progress.message(&format!(
+            "waiting for WAL segment {name} to be archived ({why})"
+        ))
     })?;
     progress.finish();
 

@@ -34,6 +34,9 @@ impl Repo {
         let catalog = Catalog::open(&catalog_path)
             .with_context(|| format!("opening catalog {}", catalog_path.display()))?;
         let identity = catalog.identity()?;
+        if crate::user::is_root() {
+            give_sidecars_to_owner(&catalog_path)?;
+        }
         Ok(Repo {
             storage: LocalStorage::new(&root),
             root,
@@ -55,6 +58,25 @@ impl Repo {
     pub fn storage(&self) -> &dyn Storage {
         &self.storage
     }
+}
+
+/// Run as root (restore may be), SQLite creates the catalog's `-wal` and `-shm` files as root; the
+/// archiver, running as the cluster's owner, could then no longer open the catalog. Hand them to
+/// the owner of `catalog.db`.
+fn give_sidecars_to_owner(catalog_path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(catalog_path)
+        .with_context(|| format!("reading owner of {}", catalog_path.display()))?;
+    for suffix in ["-wal", "-shm"] {
+        let mut name = catalog_path.as_os_str().to_owned();
+        name.push(suffix);
+        let sidecar = PathBuf::from(name);
+        if sidecar.exists() {
+            std::os::unix::fs::chown(&sidecar, Some(meta.uid()), Some(meta.gid()))
+                .with_context(|| format!("setting owner of {}", sidecar.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Where the SQLite catalog lives inside a repository.
