@@ -8,10 +8,14 @@ use anyhow::{bail, Context, Result};
 /// `cargo build --release -p pgkeep-cli`; returns the binary's path.
 pub fn cargo_build_release() -> Result<PathBuf> {
     run_checked(Command::new("cargo").args(["build", "--release", "-p", "pgkeep-cli"]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    Ok(target_dir().join("release/pgkeep"))
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR`, else the workspace's `target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join("release/pgkeep"))
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 pub fn workspace_root() -> PathBuf {
