@@ -265,7 +265,7 @@ pub fn markdown(h: &Header, r: &Results) -> String {
     let _ = writeln!(
         s,
         "\nStored bytes: pgkeep `show --json` stored_bytes; pgBackRest `info --output=json` repository delta of that set; \
-         pg_basebackup and tar: the files written (pg_basebackup's include the WAL it streamed). \
+         pg_basebackup and tar: the files written, less the WAL pg_basebackup streamed (PostgreSQL 15 writes it as a plain pg_wal.tar; the two tools keep WAL in their archives). \
          archive-push: the same {} segment(s) copied from pg_wal, pushed alternately into a fresh repository (pgkeep) and stanza (pgBackRest); \
          mean per segment. validate: pgkeep `validate` of the full backup, its data_bytes / s; pgBackRest `verify` checks its whole \
          repository (the full set and the archived WAL), counted as the uncompressed bytes it covers / s. \
