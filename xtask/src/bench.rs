@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::sh::{cargo_build_release, give_to_postgres, pg_bin, postgres_command, run_checked};
+use crate::sh::{
+    append, cargo_build_release, give_to_postgres, path, pg_bin, postgres_command, run_checked,
+    wait_archive_drained,
+};
 use measure::{measure, Measured};
 use report::{Header, Machine, Metric, Results, Tool};
 
@@ -33,6 +36,9 @@ const PORT: u16 = 25440;
 const RESTORED_PORT: u16 = 25441;
 const STANZA: &str = "bench";
 const PUSH_STANZA: &str = "push";
+/// The (wall time, stored bytes, peak RSS) rows of a backup.
+const FULL: [Metric; 3] = [Metric::FullWall, Metric::FullStored, Metric::FullRss];
+const INCR: [Metric; 3] = [Metric::IncrWall, Metric::IncrStored, Metric::IncrRss];
 
 pub fn bench(args: &[String]) -> Result<()> {
     let opts = Options::parse(args)?;
@@ -280,7 +286,11 @@ impl Bench {
         // an incremental would then have to copy.
         self.sql("VACUUM (FREEZE, ANALYZE)")?;
         self.sql("SELECT pg_switch_wal()")?;
-        self.wait_archive_drained()?;
+        wait_archive_drained(
+            &self.data,
+            Duration::from_secs(300),
+            &self.dir.join("server.log"),
+        )?;
         println!("    loaded in {:.0} s", loaded.elapsed().as_secs_f64());
         let push_segments = self.sample_segments()?;
 
@@ -322,25 +332,13 @@ impl Bench {
             &mut self.pgkeep_cmd(&self.pgkeep_conf, &["backup", "--type", "full"]),
         )?;
         let k_full = self.pgkeep_newest("full")?;
-        record_backup(
-            r,
-            Tool::Pgkeep,
-            [Metric::FullWall, Metric::FullStored, Metric::FullRss],
-            &m,
-            k_full.stored_bytes,
-        );
+        record_backup(r, Tool::Pgkeep, FULL, &m, k_full.stored_bytes);
         let m = self.checked(
             "pgBackRest full backup",
             &mut self.pgbr_cmd(&self.pgbr_conf, STANZA, &["backup", "--type=full"]),
         )?;
         let b_full = self.pgbr_newest("full")?;
-        record_backup(
-            r,
-            Tool::PgBackRest,
-            [Metric::FullWall, Metric::FullStored, Metric::FullRss],
-            &m,
-            b_full.repo_delta,
-        );
+        record_backup(r, Tool::PgBackRest, FULL, &m, b_full.repo_delta);
         if let Some(label) = previous_pgbr_full {
             // Keeps pgBackRest's repository to this run's sets, so `verify` checks the same
             // amount every run. Only now: pgBackRest refuses to expire its only full.
@@ -394,17 +392,16 @@ impl Bench {
         self.sql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 1000 = 0")?;
         self.sql("UPDATE random_md5 SET v = md5(random()::text) WHERE id % 2000 = 0")?;
         let after_updates = self.sql(FINGERPRINT_SQL)?;
-        let incr = [Metric::IncrWall, Metric::IncrStored, Metric::IncrRss];
         let m = self.measured(
             "pgkeep incremental backup",
             &mut self.pgkeep_cmd(&self.pgkeep_conf, &["backup", "--type", "incr"]),
         )?;
         let (k_restore, k_expect) = if m.ok() {
             let k_incr = self.pgkeep_newest("incr")?;
-            record_backup(r, Tool::Pgkeep, incr, &m, k_incr.stored_bytes);
+            record_backup(r, Tool::Pgkeep, INCR, &m, k_incr.stored_bytes);
             (k_incr.label, &after_updates)
         } else if missing_feature(&m) {
-            for metric in incr {
+            for metric in INCR {
                 r.not_available(metric, Tool::Pgkeep, &m.first_error_line());
             }
             r.note(Metric::RestoreWall, Tool::Pgkeep, "full only: incr n/a");
@@ -421,7 +418,7 @@ impl Bench {
             &mut self.pgbr_cmd(&self.pgbr_conf, STANZA, &["backup", "--type=incr"]),
         )?;
         let b_incr = self.pgbr_newest("incr")?;
-        record_backup(r, Tool::PgBackRest, incr, &m, b_incr.repo_delta);
+        record_backup(r, Tool::PgBackRest, INCR, &m, b_incr.repo_delta);
 
         // Restore each chain into a fresh directory, then start it to prove it is the cluster.
         let dir = self.fresh_dir(&format!("restore-pgkeep-{run}"))?;
@@ -481,13 +478,7 @@ impl Bench {
         let stored = dir_bytes(&out)?
             .saturating_sub(fs::metadata(out.join("pg_wal.tar")).map_or(0, |m| m.len()));
         r.note(Metric::FullStored, Tool::PgBasebackup, "without pg_wal.tar");
-        record_backup(
-            r,
-            Tool::PgBasebackup,
-            [Metric::FullWall, Metric::FullStored, Metric::FullRss],
-            &m,
-            stored,
-        );
+        record_backup(r, Tool::PgBasebackup, FULL, &m, stored);
         fs::remove_dir_all(&out).with_context(|| format!("removing {}", out.display()))
     }
 
@@ -508,13 +499,7 @@ impl Bench {
                 .arg(&out),
         )?;
         let stored = fs::metadata(&out)?.len();
-        record_backup(
-            r,
-            Tool::TarLz4,
-            [Metric::FullWall, Metric::FullStored, Metric::FullRss],
-            &m,
-            stored,
-        );
+        record_backup(r, Tool::TarLz4, FULL, &m, stored);
         fs::remove_file(&out).with_context(|| format!("removing {}", out.display()))
     }
 
@@ -896,23 +881,6 @@ impl Bench {
         }
     }
 
-    fn wait_archive_drained(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while Instant::now() < deadline {
-            let ready = fs::read_dir(self.data.join("pg_wal/archive_status"))?
-                .filter_map(|e| e.ok())
-                .any(|e| e.file_name().to_string_lossy().ends_with(".ready"));
-            if !ready {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!(
-            "WAL was not archived within 300 s: see {}/server.log",
-            self.dir.display()
-        )
-    }
-
     /// An empty directory owned by `postgres`, as restores and scratch repositories need.
     fn fresh_dir(&self, name: &str) -> Result<PathBuf> {
         let dir = self.dir.join(name);
@@ -1098,15 +1066,4 @@ fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
-}
-
-fn append(file: &Path, text: &str) -> Result<()> {
-    let mut current =
-        fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    current.push_str(text);
-    fs::write(file, current).with_context(|| format!("writing {}", file.display()))
 }
