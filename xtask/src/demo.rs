@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::sh::{cargo_build_release, run_checked};
+use crate::sh::{append, cargo_build_release, path, run_checked, wait_archive_drained};
 
 struct Demo {
     dir: PathBuf,
@@ -111,7 +111,11 @@ impl Demo {
             "    {}",
             self.sql("SELECT count(*) || ' rows left' FROM accounts")?
         );
-        self.wait_archive_drained()?;
+        wait_archive_drained(
+            &self.data,
+            Duration::from_secs(60),
+            &self.dir.join("server.log"),
+        )?;
         self.stop();
         fs::remove_dir_all(&self.data).context("wiping the data directory")?;
 
@@ -203,23 +207,6 @@ impl Demo {
             .output();
     }
 
-    fn wait_archive_drained(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            let ready = fs::read_dir(self.data.join("pg_wal/archive_status"))?
-                .filter_map(|e| e.ok())
-                .any(|e| e.file_name().to_string_lossy().ends_with(".ready"));
-            if !ready {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!(
-            "WAL was not archived within 60 s: see {}/server.log",
-            self.dir.display()
-        )
-    }
-
     fn wait_promoted(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
@@ -237,15 +224,4 @@ impl Demo {
 
 fn step(what: &str) {
     println!("\n==> {what}");
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
-}
-
-fn append(file: &Path, text: &str) -> Result<()> {
-    let mut current = fs::read_to_string(file)?;
-    current.push_str(text);
-    fs::write(file, current)?;
-    Ok(())
 }

@@ -1,5 +1,6 @@
 //! pgkeep's chores: `cargo xtask ci` (what CI runs), `cargo xtask demo`, `cargo xtask bench`.
 
+mod bench;
 mod demo;
 mod sh;
 
@@ -10,8 +11,11 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("demo") => demo::demo(args.iter().any(|a| a == "--keep")),
+        Some("bench") => bench::bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask ci | demo [--keep]");
+            eprintln!(
+                "usage: cargo xtask ci | demo [--keep] | bench [--scale S] [--runs N] [--keep]"
+            );
             std::process::exit(2);
         }
     }

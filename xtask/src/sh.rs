@@ -1,17 +1,23 @@
 //! Process helpers for the xtasks: building, finding PostgreSQL, running as `postgres`.
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 /// `cargo build --release -p pgkeep-cli`; returns the binary's path.
 pub fn cargo_build_release() -> Result<PathBuf> {
     run_checked(Command::new("cargo").args(["build", "--release", "-p", "pgkeep-cli"]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    Ok(target_dir().join("release/pgkeep"))
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR`, else the workspace's `target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join("release/pgkeep"))
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -76,4 +82,35 @@ pub fn run_checked(c: &mut Command) -> Result<()> {
         bail!("{c:?} failed with {status}");
     }
     Ok(())
+}
+
+/// Wait until PostgreSQL has archived every finished WAL file of `data` (no `.ready` left).
+pub fn wait_archive_drained(data: &Path, timeout: Duration, server_log: &Path) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let ready = fs::read_dir(data.join("pg_wal/archive_status"))?
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().ends_with(".ready"));
+        if !ready {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!(
+        "WAL was not archived within {} s: see {}",
+        timeout.as_secs(),
+        server_log.display()
+    )
+}
+
+/// A path as a command-line argument; the xtasks only make UTF-8 paths.
+pub fn path(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+pub fn append(file: &Path, text: &str) -> Result<()> {
+    let mut current =
+        fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    current.push_str(text);
+    fs::write(file, current).with_context(|| format!("writing {}", file.display()))
 }
