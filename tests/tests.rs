@@ -10,3 +10,4 @@ mod cli;
 mod formats;
 mod init;
 mod restore;
+mod validate;
