@@ -216,6 +216,10 @@ fn a_truncated_and_a_deleted_segment_are_reported_the_gap_with_the_window_it_cut
         )),
         "{run:?}"
     );
+    assert!(
+        !run.stdout.contains(&format!("  WAL {deleted}:")),
+        "a missing segment is a gap, not a damaged file: {run:?}"
+    );
     // The backup itself is whole: the damage is after its stop.
     assert!(
         run.stdout.contains(&format!("backup {label} OK")),

@@ -17,11 +17,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
 use pgkeep_catalog::{
     meta, BackupRecord, BackupStatus, Catalog, FileKind, FileRecord, RepoIdentity, WalInsert,
-    WalKind, WalRecord,
+    WalRecord,
 };
 use pgkeep_pg::{ControlFile, WalFileName, WalSegSize};
 use pgkeep_repo::{fetch_decompressed, get_bytes, keys, LocalStorage, Storage};
 
+use crate::archive::wal_kind;
 use crate::backup::{BACKUP_INI, MANIFEST};
 use crate::config::Config;
 use crate::lock::BackupLock;
@@ -189,11 +190,17 @@ fn read_backups(
             Ok(files) => files,
             Err(e) => {
                 let message = format!("manifest of backup {label} cannot be read ({e:#})");
-                if record.status.is_restorable() {
+                // Restore must not pick a backup whose files are unknown.
+                let demoted = record.status.is_restorable();
+                if demoted {
                     record.status = BackupStatus::Corrupt;
                     record.error = Some(format!("catalog rebuild: {message}"));
                 }
-                warnings.push(format!("{message}: indexed without files, as CORRUPT"));
+                let how = if demoted { ", as CORRUPT" } else { "" };
+                // A failed backup often ends before its manifest is written: nothing is lost.
+                if record.status != BackupStatus::Error {
+                    warnings.push(format!("{message}: indexed without files{how}"));
+                }
                 Vec::new()
             }
         };
@@ -356,12 +363,7 @@ impl WalReader<'_> {
             .unwrap_or_else(|_| Utc::now());
         Ok(WalRecord {
             name: name.to_string(),
-            kind: match parsed {
-                WalFileName::Segment { .. } => WalKind::Segment,
-                WalFileName::Partial { .. } => WalKind::Partial,
-                WalFileName::Backup { .. } => WalKind::Backup,
-                WalFileName::History { .. } => WalKind::History,
-            },
+            kind: wal_kind(&parsed),
             timeline: parsed.timeline().0,
             segno: parsed.segno(),
             size: digest.size,

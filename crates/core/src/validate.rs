@@ -8,15 +8,13 @@
 //! refuses. The new status is also written to the backup's `backup.ini`, so a catalog rebuilt
 //! from the repository keeps it.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use pgkeep_catalog::{
-    meta, BackupRecord, BackupStatus, Catalog, FileKind, FileRecord, WalKind, WalRecord,
-};
-use pgkeep_pg::{Lsn, TimelineId};
+use pgkeep_catalog::{meta, BackupRecord, BackupStatus, Catalog, FileKind, FileRecord, WalRecord};
+use pgkeep_pg::{Lsn, TimelineId, WalFileName, WalSegSize};
 use pgkeep_repo::{fetch_decompressed, get_bytes, keys, put_bytes, StorageError};
 
 use crate::backup::{needed_segments, BACKUP_INI, BACKUP_LABEL, MANIFEST};
@@ -128,6 +126,7 @@ pub fn validate(
 ) -> Result<ValidateReport> {
     let started = Instant::now();
     let repo = Repo::open(cfg)?;
+    let seg = repo.wal_seg_size()?;
     let interrupted = crate::backup::mark_interrupted(&repo.catalog, false)?;
     for label in &interrupted {
         if let Some(b) = repo.catalog.backup(label)? {
@@ -135,125 +134,63 @@ pub fn validate(
         }
     }
     let all = repo.catalog.backups()?;
-    let chosen: Vec<BackupRecord> = match &opts.label {
-        Some(l) => {
-            let b = all
-                .iter()
-                .find(|b| &b.label == l)
-                .ok_or_else(|| anyhow!("backup {l} not found: `pgkeep show` lists the backups"))?;
-            if !validatable(b.status) {
-                bail!(
-                    "backup {l} has status {}: only DONE, OK or CORRUPT backups can be validated",
-                    b.status
-                );
-            }
-            vec![b.clone()]
-        }
-        None => all
-            .iter()
-            .filter(|b| validatable(b.status))
-            .cloned()
-            .collect(),
-    };
+    let chosen = choose(&all, opts.label.as_deref())?;
     let mut files = Vec::with_capacity(chosen.len());
     for b in &chosen {
         files.push(repo.catalog.files(&b.label)?);
     }
-    let wal = repo.catalog.wal_list()?;
-    let seg = repo.wal_seg_size()?;
-    let wal_checked: Vec<&WalRecord> = match &opts.label {
-        None => wal.iter().collect(),
-        // One backup: the segments it needs and the history files its windows follow.
-        Some(_) => {
-            let needed: HashSet<String> = chosen
-                .iter()
-                .filter_map(|b| {
-                    let stop = b.stop_lsn?;
-                    Some(needed_segments(
-                        TimelineId(b.timeline),
-                        b.start_lsn,
-                        stop,
-                        seg,
-                    ))
-                })
-                .flatten()
-                .collect();
-            wal.iter()
-                .filter(|w| w.kind == WalKind::History || needed.contains(&w.name))
-                .collect()
+    let mut archive = list_archive(&repo, seg)?;
+    if opts.label.is_some() {
+        // One backup: only the segments it needs and the history files its windows follow.
+        let needed: HashSet<String> = chosen
+            .iter()
+            .filter_map(|b| {
+                let stop = b.stop_lsn?;
+                Some(needed_segments(
+                    TimelineId(b.timeline),
+                    b.start_lsn,
+                    stop,
+                    seg,
+                ))
+            })
+            .flatten()
+            .collect();
+        for w in &mut archive {
+            w.read &= matches!(w.parsed, WalFileName::History { .. }) || needed.contains(&w.name);
         }
-    };
+    }
 
-    let sysid = repo.identity.system_identifier;
     let mut checks = Checks::default();
     for (b, files) in chosen.iter().zip(&files) {
         for f in files.iter().filter(|f| f.kind == FileKind::File) {
             let stored_in = f.stored_in.as_deref().unwrap_or(&b.label);
-            let Some(crc) = f.crc32c else { continue };
             // A page-delta object holds less than the file's size: only its CRC is recorded.
             let size = (!f.page_delta).then_some(f.size);
-            checks.add(keys::backup_file(stored_in, &f.path), size, crc, f.size);
+            checks.add(
+                keys::backup_file(stored_in, &f.path),
+                size,
+                f.crc32c,
+                f.size,
+            );
         }
     }
-    for w in &wal_checked {
-        checks.add(keys::wal(sysid, &w.name), Some(w.size), w.crc32c, w.size);
+    for w in archive.iter().filter(|w| w.read) {
+        let size = w.row.as_ref().map(|r| r.size);
+        let crc = w.row.as_ref().map(|r| r.crc32c);
+        let weight = size.unwrap_or(match w.parsed {
+            WalFileName::Segment { .. } | WalFileName::Partial { .. } => seg.bytes(),
+            WalFileName::Backup { .. } | WalFileName::History { .. } => 0,
+        });
+        checks.add(w.key.clone(), size, crc, weight);
     }
     let jobs = opts
         .jobs
         .unwrap_or_else(|| cfg.backup.effective_jobs())
         .max(1);
-    let results = checks.run(&repo, jobs, progress)?;
-    let bytes_read = checks.bytes_read(&results);
-
-    // WAL: what is intact, what is not, and the chain the intact part forms.
-    let mut report_wal = WalReport {
-        files_checked: wal_checked.len() as u64,
-        ..WalReport::default()
-    };
-    let stored: BTreeSet<String> = repo
-        .storage()
-        .list(&keys::wal_prefix(sysid))
-        .context("listing the WAL archive")?
-        .into_iter()
-        .collect();
-    let checked_names: HashSet<&str> = wal_checked.iter().map(|w| w.name.as_str()).collect();
-    let mut chain = WalChain::new(seg);
-    let mut bad_wal: HashMap<String, String> = HashMap::new();
-    for w in &wal {
-        let key = keys::wal(sysid, &w.name);
-        let verdict = if checked_names.contains(w.name.as_str()) {
-            results.get(&key).cloned().flatten()
-        } else if stored.contains(&key) {
-            None
-        } else {
-            Some(MISSING.to_string())
-        };
-        if let Some(reason) = verdict {
-            if checked_names.contains(w.name.as_str()) {
-                bad_wal.insert(w.name.clone(), reason);
-            }
-            continue;
-        }
-        match w.kind {
-            WalKind::Segment => chain.add_record(w),
-            WalKind::History => match read_history(&repo, w) {
-                Ok(entries) => chain.add_history(TimelineId(w.timeline), &entries),
-                Err(e) => {
-                    bad_wal.insert(w.name.clone(), format!("{e:#}"));
-                }
-            },
-            WalKind::Partial | WalKind::Backup => {}
-        }
-    }
-    if opts.label.is_none() {
-        let known: HashSet<String> = wal.iter().map(|w| keys::wal(sysid, &w.name)).collect();
-        for key in stored.iter().filter(|k| !known.contains(*k)) {
-            if let Some(name) = keys::wal_name_from_key(key) {
-                report_wal.notes.push(format!(
-                    "WAL file {name} is in the repository but not in the catalog (an archive-push in progress, or run `pgkeep catalog rebuild`)"
-                ));
-            }
-        }
+    let verdicts = checks.run(&repo, jobs, progress)?;
+    let (chain, mut wal_report, damaged) = assess_archive(&repo, seg, &archive, &verdicts);
+    if opts.label.is_some() {
+        wal_report.notes.clear();
     }
 
     // Backups, oldest first, so a parent's new status is known before its children's.
@@ -269,9 +206,9 @@ pub fn validate(
         .collect();
     let mut reports = Vec::with_capacity(chosen.len());
     for (b, files) in chosen.iter().zip(&files) {
-        let mut problems = file_problems(b, files, &results);
+        let mut problems = file_problems(b, files, &verdicts);
         problems.extend(meta_problems(&repo, b, files));
-        problems.extend(wal_problems(b, seg, &chain, &bad_wal));
+        problems.extend(wal_problems(b, &chain, &damaged));
         problems.extend(parent_problems(b, &known));
         let status = if problems.is_empty() {
             BackupStatus::Ok
@@ -296,11 +233,188 @@ pub fn validate(
             problems,
         });
     }
+    add_cuts(
+        &mut wal_report,
+        &reports,
+        &chain,
+        &damaged,
+        opts.label.is_some(),
+    );
+    Ok(ValidateReport {
+        backups: reports,
+        wal: wal_report,
+        interrupted,
+        bytes_read: checks.bytes_read(&verdicts),
+        elapsed: started.elapsed(),
+    })
+}
 
-    // Which windows each WAL problem cuts short: a window that ends right at it.
+/// The backups to validate: the one named (which must exist and be validatable), else every
+/// DONE, OK or CORRUPT one.
+fn choose(all: &[BackupRecord], label: Option<&str>) -> Result<Vec<BackupRecord>> {
+    let Some(l) = label else {
+        return Ok(all
+            .iter()
+            .filter(|b| validatable(b.status))
+            .cloned()
+            .collect());
+    };
+    let b = all
+        .iter()
+        .find(|b| b.label == l)
+        .ok_or_else(|| anyhow!("backup {l} not found: `pgkeep show` lists the backups"))?;
+    if !validatable(b.status) {
+        bail!(
+            "backup {l} has status {}: only DONE, OK or CORRUPT backups can be validated",
+            b.status
+        );
+    }
+    Ok(vec![b.clone()])
+}
+
+/// A file of the WAL archive as the catalog records it and the repository holds it.
+struct WalFile {
+    name: String,
+    parsed: WalFileName,
+    key: String,
+    /// The catalog's row; None for an object archive-push stored but did not record (yet).
+    row: Option<WalRecord>,
+    /// Whether the repository holds the object.
+    stored: bool,
+    /// Whether to read it.
+    read: bool,
+}
+
+/// Every WAL file the catalog records or the repository holds, by name.
+fn list_archive(repo: &Repo, seg: WalSegSize) -> Result<Vec<WalFile>> {
+    let sysid = repo.identity.system_identifier;
+    // The catalog first: archive-push commits the object before it records the row, so a row
+    // read before the listing always has its object in the listing.
+    let rows = repo.catalog.wal_list()?;
+    let prefix = keys::wal_prefix(sysid);
+    let stored: BTreeSet<String> = repo
+        .storage()
+        .list(&prefix)
+        .with_context(|| format!("listing the WAL archive {prefix}"))?
+        .into_iter()
+        .collect();
+    let mut files: BTreeMap<String, WalFile> = BTreeMap::new();
+    for row in rows {
+        let Ok(parsed) = WalFileName::parse(&row.name, seg) else {
+            continue;
+        };
+        let key = keys::wal(sysid, &row.name);
+        let stored = stored.contains(&key);
+        files.insert(
+            row.name.clone(),
+            WalFile {
+                name: row.name.clone(),
+                parsed,
+                key,
+                row: Some(row),
+                stored,
+                read: stored,
+            },
+        );
+    }
+    for key in stored {
+        let Some(name) = keys::wal_name_from_key(&key) else {
+            continue;
+        };
+        if files.contains_key(name) {
+            continue;
+        }
+        let Ok(parsed) = WalFileName::parse(name, seg) else {
+            continue;
+        };
+        files.insert(
+            name.to_string(),
+            WalFile {
+                name: name.to_string(),
+                parsed,
+                key,
+                row: None,
+                stored: true,
+                read: true,
+            },
+        );
+    }
+    Ok(files.into_values().collect())
+}
+
+/// Sort the archive into intact and damaged files and build the chain the intact segments
+/// form. A segment the repository does not hold is left to the gaps; anything else missing or
+/// damaged is listed as bad. Returns the chain, the report (without cuts yet) and the damaged
+/// files with their reasons.
+fn assess_archive(
+    repo: &Repo,
+    seg: WalSegSize,
+    archive: &[WalFile],
+    verdicts: &Verdicts,
+) -> (WalChain, WalReport, BTreeMap<String, String>) {
+    let mut chain = WalChain::new(seg);
+    let mut report = WalReport {
+        files_checked: archive.iter().filter(|w| w.read).count() as u64,
+        ..WalReport::default()
+    };
+    let mut damaged = BTreeMap::new();
+    for w in archive {
+        let verdict = match (w.stored, w.read) {
+            (false, _) => Some(MISSING.to_string()),
+            (true, true) => verdicts.get(&w.key).cloned().flatten(),
+            (true, false) => None,
+        };
+        // A damaged object is reported as such; only an intact one just needs indexing.
+        if w.stored && w.row.is_none() && verdict.is_none() {
+            report.notes.push(format!(
+                "WAL file {} is in the repository but not in the catalog (an archive-push in progress, or run `pgkeep catalog rebuild`)",
+                w.name
+            ));
+        }
+        let verdict = match (verdict, w.parsed) {
+            (Some(reason), _) => Some(reason),
+            (None, WalFileName::Segment { tli, segno }) => {
+                chain.add_segment(tli, segno);
+                None
+            }
+            (None, WalFileName::History { tli }) => {
+                let expect = w.row.as_ref().map(|r| (r.size, r.crc32c));
+                match read_history(repo, &w.name, tli, expect) {
+                    Ok(entries) => {
+                        chain.add_history(tli, &entries);
+                        None
+                    }
+                    Err(e) => Some(format!("{e:#}")),
+                }
+            }
+            (None, _) => None,
+        };
+        match verdict {
+            // A missing segment is part of a gap, reported as such.
+            Some(reason)
+                if reason == MISSING && matches!(w.parsed, WalFileName::Segment { .. }) => {}
+            Some(reason) => {
+                damaged.insert(w.name.clone(), reason);
+            }
+            None => {}
+        }
+    }
+    (chain, report, damaged)
+}
+
+/// Report damaged files and gaps with the restorable windows each cuts short (a window that
+/// ends right at it). Validating one backup, only the gaps that cut its windows are reported.
+fn add_cuts(
+    report: &mut WalReport,
+    backups: &[BackupReport],
+    chain: &WalChain,
+    damaged: &BTreeMap<String, String>,
+    one_backup: bool,
+) {
+    let seg = chain.seg_size();
     let cuts_at = |tli: TimelineId, segno: u64| -> Vec<Cut> {
         let at = Lsn::from_segment(segno, seg);
-        reports
+        backups
             .iter()
             .flat_map(|r| {
                 r.windows
@@ -314,38 +428,58 @@ pub fn validate(
             })
             .collect()
     };
-    let mut bad: Vec<_> = bad_wal.into_iter().collect();
-    bad.sort();
-    for (name, reason) in bad {
-        let cuts = wal
-            .iter()
-            .find(|w| w.name == name && w.kind == WalKind::Segment)
-            .and_then(|w| Some(cuts_at(TimelineId(w.timeline), w.segno?)))
-            .unwrap_or_default();
-        report_wal.bad.push(WalProblem { name, reason, cuts });
-    }
-    for gap in chain.gaps() {
-        let cuts = cuts_at(gap.timeline, gap.first);
-        // Validating one backup, only the gaps that shorten its windows concern it.
-        if opts.label.is_some() && cuts.is_empty() {
-            continue;
-        }
-        report_wal.gaps.push(GapReport {
-            timeline: gap.timeline,
-            first: chain.name(gap.timeline, gap.first),
-            last: chain.name(gap.timeline, gap.last),
-            segments: gap.last - gap.first + 1,
+    let mut damaged_segments = BTreeSet::new();
+    for (name, reason) in damaged {
+        let cuts = match WalFileName::parse(name, seg) {
+            Ok(WalFileName::Segment { tli, segno }) => {
+                damaged_segments.insert((tli, segno));
+                cuts_at(tli, segno)
+            }
+            _ => Vec::new(),
+        };
+        report.bad.push(WalProblem {
+            name: name.clone(),
+            reason: reason.clone(),
             cuts,
         });
     }
+    for gap in chain.gaps() {
+        // Damaged segments are absent from the chain too, but reported above.
+        for (first, last) in missing_runs(gap.timeline, gap.first, gap.last, &damaged_segments) {
+            let cuts = cuts_at(gap.timeline, first);
+            if one_backup && cuts.is_empty() {
+                continue;
+            }
+            report.gaps.push(GapReport {
+                timeline: gap.timeline,
+                first: chain.name(gap.timeline, first),
+                last: chain.name(gap.timeline, last),
+                segments: last - first + 1,
+                cuts,
+            });
+        }
+    }
+}
 
-    Ok(ValidateReport {
-        backups: reports,
-        wal: report_wal,
-        interrupted,
-        bytes_read,
-        elapsed: started.elapsed(),
-    })
+/// The runs of `first..=last` on `tli` left once the damaged segments are taken out.
+fn missing_runs(
+    tli: TimelineId,
+    first: u64,
+    last: u64,
+    damaged: &BTreeSet<(TimelineId, u64)>,
+) -> Vec<(u64, u64)> {
+    let mut runs = Vec::new();
+    let mut next = first;
+    for &(_, s) in damaged.range((tli, first)..=(tli, last)) {
+        if s > next {
+            runs.push((next, s - 1));
+        }
+        next = s + 1;
+    }
+    if next <= last {
+        runs.push((next, last));
+    }
+    runs
 }
 
 /// Reason given for a file the repository does not hold.
@@ -369,7 +503,8 @@ struct Check {
     key: String,
     /// Expected decompressed size, when recorded for the object itself.
     size: Option<u64>,
-    crc32c: u32,
+    /// Expected CRC-32C; None when nothing was recorded, so only the lz4 frames are checked.
+    crc32c: Option<u32>,
     /// Bytes expected to be read, for progress and ordering.
     weight: u64,
 }
@@ -378,7 +513,7 @@ struct Check {
 type Verdicts = HashMap<String, Option<String>>;
 
 impl Checks {
-    fn add(&mut self, key: String, size: Option<u64>, crc32c: u32, weight: u64) {
+    fn add(&mut self, key: String, size: Option<u64>, crc32c: Option<u32>, weight: u64) {
         if self.by_key.contains_key(&key) {
             return;
         }
@@ -398,12 +533,13 @@ impl Checks {
         progress.start("validating", Some(total));
         let storage = repo.storage();
         let verdicts = parallel::for_each(&self.items, jobs, |c, _buf| {
-            let expect = c.size.map(|size| (size, c.crc32c));
+            let expect = c.size.zip(c.crc32c);
             let verdict = match fetch_decompressed(storage, &c.key, &mut io::sink(), expect, false)
             {
-                Ok(d) if d.crc32c != c.crc32c => Some(format!(
-                    "expected crc32c {:08x}, found {:08x}",
-                    c.crc32c, d.crc32c
+                Ok(d) if c.crc32c.is_some_and(|crc| crc != d.crc32c) => Some(format!(
+                    "damaged: expected crc32c {:08x}, found {:08x}",
+                    c.crc32c.unwrap_or_default(),
+                    d.crc32c
                 )),
                 Ok(_) => None,
                 Err(e) => Some(storage_reason(&e)),
@@ -516,9 +652,8 @@ fn meta_problems(repo: &Repo, b: &BackupRecord, files: &[FileRecord]) -> Vec<Pro
 /// Every segment from the backup's start to its stop must be archived and intact.
 fn wal_problems(
     b: &BackupRecord,
-    seg: pgkeep_pg::WalSegSize,
     chain: &WalChain,
-    bad_wal: &HashMap<String, String>,
+    damaged: &BTreeMap<String, String>,
 ) -> Vec<Problem> {
     let Some(stop) = b.stop_lsn else {
         return vec![Problem {
@@ -526,20 +661,19 @@ fn wal_problems(
             reason: "no stop LSN recorded: the backup did not finish".into(),
         }];
     };
+    let seg = chain.seg_size();
     let tli = TimelineId(b.timeline);
+    let first = b.start_lsn.segment_number(seg);
     needed_segments(tli, b.start_lsn, stop, seg)
         .into_iter()
-        .enumerate()
-        .filter_map(|(i, name)| {
-            let segno = b.start_lsn.segment_number(seg) + i as u64;
-            if chain.has(tli, segno) {
-                return None;
-            }
-            let why = bad_wal.get(&name).map_or("not archived", String::as_str);
-            Some(Problem {
-                reason: format!("WAL segment needed to make the backup consistent is {why}"),
+        .zip(first..)
+        .filter(|(_, segno)| !chain.has(tli, *segno))
+        .map(|(name, _)| {
+            let why = damaged.get(&name).map_or(MISSING, String::as_str);
+            Problem {
+                reason: format!("WAL segment needed to make the backup consistent: {why}"),
                 object: name,
-            })
+            }
         })
         .collect()
 }
@@ -620,4 +754,48 @@ fn write_backup_ini(repo: &Repo, b: &BackupRecord) -> Result<()> {
         meta::backup_ini(b).as_bytes(),
     )
     .with_context(|| format!("writing backup.ini of backup {}", b.label))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn damaged_segments_split_a_gap() {
+        let tli = TimelineId(1);
+        let damaged = BTreeSet::from([(tli, 5), (tli, 7), (tli, 9), (TimelineId(2), 6)]);
+        assert_eq!(missing_runs(tli, 4, 9, &damaged), [(4, 4), (6, 6), (8, 8)]);
+        assert_eq!(missing_runs(tli, 5, 5, &damaged), []);
+        assert_eq!(missing_runs(tli, 10, 12, &damaged), [(10, 12)]);
+    }
+
+    #[test]
+    fn parents_must_be_known_and_restorable() {
+        let known = |status, parent: Option<&str>| Known {
+            status,
+            parent: parent.map(str::to_string),
+        };
+        let map = HashMap::from([
+            ("F".to_string(), known(BackupStatus::Corrupt, None)),
+            ("D".to_string(), known(BackupStatus::Ok, Some("F"))),
+            ("I".to_string(), known(BackupStatus::Done, Some("D"))),
+            ("J".to_string(), known(BackupStatus::Done, Some("gone"))),
+        ]);
+        let mut b = crate::walchain::tests::backup(1, 0, 1);
+        b.label = "I".into();
+        b.parent = Some("D".into());
+        let problems = parent_problems(&b, &map);
+        assert_eq!(
+            problems,
+            [Problem {
+                object: "backup F".into(),
+                reason: "parent of D is CORRUPT".into()
+            }]
+        );
+        b.parent = Some("gone".into());
+        assert_eq!(
+            parent_problems(&b, &map)[0].reason,
+            "parent of I is missing from the catalog"
+        );
+    }
 }

@@ -11,8 +11,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result};
-use pgkeep_catalog::{BackupRecord, WalKind, WalRecord};
-use pgkeep_pg::{parse_history, segment_name, HistoryEntry, Lsn, TimelineId, WalSegSize};
+use pgkeep_catalog::BackupRecord;
+use pgkeep_pg::{
+    parse_history, segment_name, HistoryEntry, Lsn, TimelineId, WalFileName, WalSegSize,
+};
 use pgkeep_repo::{fetch_decompressed, keys};
 
 use crate::repo::Repo;
@@ -56,44 +58,34 @@ impl WalChain {
         }
     }
 
-    /// The chain as the catalog records it, less segments whose object the repository no longer
-    /// holds: what `show` reports without reading any segment. History files are read (they are
-    /// a few bytes); one that cannot be read is left out, so its timeline is not followed.
+    /// The chain the repository's WAL objects form, without reading any segment: what `show`
+    /// reports. Objects count whether or not the catalog has recorded them yet, since
+    /// `archive-get` serves them either way. History files are read (they are a few bytes); one
+    /// that cannot be read is left out, so its timeline is not followed.
     pub fn from_repo(repo: &Repo) -> Result<WalChain> {
-        let sysid = repo.identity.system_identifier;
-        // The catalog first: archive-push commits the object before it records the row, so a
-        // row read before the listing always has its object in the listing.
-        let wal = repo.catalog.wal_list()?;
-        let prefix = keys::wal_prefix(sysid);
-        let stored: BTreeSet<String> = repo
+        let seg = repo.wal_seg_size()?;
+        let prefix = keys::wal_prefix(repo.identity.system_identifier);
+        let stored = repo
             .storage()
             .list(&prefix)
-            .with_context(|| format!("listing the WAL archive {prefix}"))?
-            .into_iter()
-            .collect();
-        let mut chain = WalChain::new(repo.wal_seg_size()?);
-        for w in &wal {
-            if !stored.contains(&keys::wal(sysid, &w.name)) {
+            .with_context(|| format!("listing the WAL archive {prefix}"))?;
+        let mut chain = WalChain::new(seg);
+        for key in &stored {
+            let Some(name) = keys::wal_name_from_key(key) else {
                 continue;
-            }
-            match w.kind {
-                WalKind::Segment => chain.add_record(w),
-                WalKind::History => {
-                    if let Ok(entries) = read_history(repo, w) {
-                        chain.add_history(TimelineId(w.timeline), &entries);
+            };
+            match WalFileName::parse(name, seg) {
+                Ok(WalFileName::Segment { tli, segno }) => chain.add_segment(tli, segno),
+                Ok(WalFileName::History { tli }) => {
+                    let expect = repo.catalog.wal(name)?.map(|w| (w.size, w.crc32c));
+                    if let Ok(entries) = read_history(repo, name, tli, expect) {
+                        chain.add_history(tli, &entries);
                     }
                 }
-                WalKind::Partial | WalKind::Backup => {}
+                _ => {}
             }
         }
         Ok(chain)
-    }
-
-    /// Count a segment of the catalog as present (other kinds are ignored).
-    pub fn add_record(&mut self, w: &WalRecord) {
-        if let (WalKind::Segment, Some(segno)) = (w.kind, w.segno) {
-            self.add_segment(TimelineId(w.timeline), segno);
-        }
     }
 
     pub fn add_segment(&mut self, tli: TimelineId, segno: u64) {
@@ -239,26 +231,23 @@ impl WalChain {
     }
 }
 
-/// Read and parse an archived timeline history file.
-pub fn read_history(repo: &Repo, w: &WalRecord) -> Result<Vec<HistoryEntry>> {
-    let key = keys::wal(repo.identity.system_identifier, &w.name);
+/// Read and parse the archived history file `name` of timeline `tli`, checking its size and
+/// CRC-32C when the catalog recorded them.
+pub fn read_history(
+    repo: &Repo,
+    name: &str,
+    tli: TimelineId,
+    expect: Option<(u64, u32)>,
+) -> Result<Vec<HistoryEntry>> {
+    let key = keys::wal(repo.identity.system_identifier, name);
     let mut text = Vec::new();
-    fetch_decompressed(
-        repo.storage(),
-        &key,
-        &mut text,
-        Some((w.size, w.crc32c)),
-        false,
-    )
-    .with_context(|| format!("reading {}", w.name))?;
-    Ok(parse_history(
-        TimelineId(w.timeline),
-        &String::from_utf8_lossy(&text),
-    )?)
+    fetch_decompressed(repo.storage(), &key, &mut text, expect, false)
+        .with_context(|| format!("reading {name}"))?;
+    Ok(parse_history(tli, &String::from_utf8_lossy(&text))?)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use chrono::Utc;
     use pgkeep_catalog::{BackupStatus, BackupType};
@@ -282,7 +271,7 @@ mod tests {
         c
     }
 
-    fn backup(tli: u32, start: u64, stop: u64) -> BackupRecord {
+    pub(crate) fn backup(tli: u32, start: u64, stop: u64) -> BackupRecord {
         BackupRecord {
             label: "20260101-000000F".into(),
             backup_type: BackupType::Full,
