@@ -299,6 +299,14 @@ pub(crate) mod tests {
         }
     }
 
+    /// (timeline, first, last) of each gap.
+    fn gaps(c: &WalChain) -> Vec<(u32, u64, u64)> {
+        c.gaps()
+            .iter()
+            .map(|g| (g.timeline.0, g.first, g.last))
+            .collect()
+    }
+
     fn until(w: &[Window]) -> Vec<(u32, u64)> {
         w.iter().map(|w| (w.timeline.0, w.until.0 / SEG)).collect()
     }
@@ -306,8 +314,7 @@ pub(crate) mod tests {
     #[test]
     fn holes_in_one_timeline_are_gaps() {
         let c = chain(&[(1, 2), (1, 3), (1, 5), (1, 8), (1, 9)], &[]);
-        let gaps: Vec<_> = c.gaps().iter().map(|g| (g.first, g.last)).collect();
-        assert_eq!(gaps, [(4, 4), (6, 7)]);
+        assert_eq!(gaps(&c), [(1, 4, 4), (1, 6, 7)]);
         // A backup from segment 2 to 3 reaches the end of 3; one inside the hole reaches nothing.
         assert_eq!(
             until(&c.windows(&backup(1, 2 * SEG + 40, 3 * SEG + 8))),
@@ -323,7 +330,7 @@ pub(crate) mod tests {
         // Timeline 2 branched off 1 in segment 5; 1's copy of segment 5 is only a .partial.
         let sp = 5 * SEG + 0x100;
         let c = chain(&[(1, 2), (1, 3), (1, 4), (2, 5), (2, 6)], &[(2, 1, sp)]);
-        assert!(c.gaps().is_empty(), "{:?}", c.gaps());
+        assert_eq!(gaps(&c), []);
         assert_eq!(
             until(&c.windows(&backup(1, 2 * SEG, 3 * SEG + 8))),
             [(1, 5), (2, 7)]
@@ -345,21 +352,11 @@ pub(crate) mod tests {
     fn a_parent_missing_segments_before_the_switch_has_a_gap_and_does_not_reach_the_child() {
         let sp = 6 * SEG;
         let c = chain(&[(1, 2), (1, 3), (2, 6), (2, 7)], &[(2, 1, sp)]);
-        let gaps: Vec<_> = c
-            .gaps()
-            .iter()
-            .map(|g| (g.timeline.0, g.first, g.last))
-            .collect();
-        assert_eq!(gaps, [(1, 4, 5)]);
+        assert_eq!(gaps(&c), [(1, 4, 5)]);
         assert_eq!(until(&c.windows(&backup(1, 2 * SEG, 3 * SEG))), [(1, 4)]);
         // A child whose first segment is missing is a gap of the child.
         let c = chain(&[(1, 2), (1, 3), (2, 5)], &[(2, 1, 4 * SEG)]);
-        let gaps: Vec<_> = c
-            .gaps()
-            .iter()
-            .map(|g| (g.timeline.0, g.first, g.last))
-            .collect();
-        assert_eq!(gaps, [(2, 4, 4)]);
+        assert_eq!(gaps(&c), [(2, 4, 4)]);
         assert_eq!(until(&c.windows(&backup(1, 2 * SEG, 3 * SEG))), [(1, 4)]);
     }
 }
