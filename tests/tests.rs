@@ -11,3 +11,4 @@ mod formats;
 mod init;
 mod restore;
 mod tidy;
+mod validate;

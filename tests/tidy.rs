@@ -11,7 +11,9 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
         if p.is_dir() {
-            if p.file_name().is_some_and(|n| n != "target" && n != "fixtures") {
+            if p.file_name()
+                .is_some_and(|n| n != "target" && n != "fixtures")
+            {
                 rust_files(&p, out);
             }
         } else if p.extension().is_some_and(|x| x == "rs") {
@@ -27,10 +29,18 @@ fn every_rust_file_opens_with_a_doc_line() {
     for dir in ["crates", "tests", "xtask"] {
         rust_files(&root.join(dir), &mut files);
     }
-    assert!(files.len() > 30, "found only {} files under {}", files.len(), root.display());
+    assert!(
+        files.len() > 30,
+        "found only {} files under {}",
+        files.len(),
+        root.display()
+    );
     let missing: Vec<_> = files
         .iter()
         .filter(|f| !fs::read_to_string(f).unwrap().starts_with("//!"))
         .collect();
-    assert!(missing.is_empty(), "files without a leading //! line: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "files without a leading //! line: {missing:?}"
+    );
 }

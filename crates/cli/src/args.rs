@@ -95,6 +95,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-read stored backups and WAL by CRC: backups become OK or CORRUPT; gaps in the archive
+    /// and the restorable windows they cut are reported. Exits 3 when anything is damaged.
+    Validate {
+        /// Only this backup and the WAL it needs [default: every backup and the whole archive].
+        label: Option<String>,
+        /// Parallel readers [default: [backup] jobs, else one per core].
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+    },
+    /// Catalog maintenance.
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CatalogCommand {
+    /// Rebuild the catalog from the repository alone (each backup's backup.ini and manifest,
+    /// and the WAL archive), creating it if it is missing.
+    Rebuild,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]

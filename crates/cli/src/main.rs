@@ -157,6 +157,26 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 output::print_backups(&backups);
             }
         }
+        Command::Validate { label, jobs } => {
+            let opts = pgkeep_core::validate::ValidateOptions { label, jobs };
+            let progress = progress::CliProgress::new();
+            let report = pgkeep_core::validate::validate(&cfg, &opts, &progress)?;
+            output::print_validate_report(&report);
+            let problems = report.problems();
+            if problems > 0 {
+                eprintln!(
+                    "pgkeep: error: validate found {problems} problem(s): see the lines above"
+                );
+                return Ok(ExitCode::from(exit::FOUND_PROBLEMS));
+            }
+        }
+        Command::Catalog {
+            command: args::CatalogCommand::Rebuild,
+        } => {
+            let progress = progress::CliProgress::new();
+            let report = pgkeep_core::rebuild::rebuild(&cfg, &progress)?;
+            output::print_rebuild_report(&report);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

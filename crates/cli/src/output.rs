@@ -1,18 +1,28 @@
-//! Human-readable output: the `show` table.
+//! Human-readable output: the `show` table and the reports of backup, restore, validate and
+//! catalog rebuild.
 
 use pgkeep_core::backup::BackupSummary;
+use pgkeep_core::rebuild::RebuildReport;
 use pgkeep_core::restore::{RecoveryTarget, RestoreOptions, RestoreSummary};
-use pgkeep_core::show::BackupRecord;
+use pgkeep_core::show::{Shown, Window};
+use pgkeep_core::validate::{Cut, ValidateReport};
 
 /// A pg_rman-like table of backups, oldest first.
-pub fn print_backups(backups: &[BackupRecord]) {
+pub fn print_backups(backups: &[Shown]) {
     println!(
-        "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19}",
+        "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} RESTORABLE UNTIL",
         "LABEL", "TYPE", "STATUS", "START", "DATA", "STORED", "TLI", "START LSN", "STOP LSN"
     );
-    for b in backups {
+    for Shown { record: b, windows } in backups {
+        let until = if !windows.is_empty() {
+            windows_text(windows, b.timeline)
+        } else if b.status.is_restorable() {
+            "WAL missing".to_string()
+        } else {
+            String::new()
+        };
         println!(
-            "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19}",
+            "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {}",
             b.label,
             b.backup_type.as_str(),
             b.status.as_str(),
@@ -22,7 +32,115 @@ pub fn print_backups(backups: &[BackupRecord]) {
             b.timeline,
             b.start_lsn.to_string(),
             b.stop_lsn.map(|l| l.to_string()).unwrap_or_default(),
+            until,
         );
+    }
+}
+
+/// `0/9000000`, then `tli 2: 0/B000000` for each timeline the backup can follow beyond its own.
+fn windows_text(windows: &[Window], own: u32) -> String {
+    windows
+        .iter()
+        .map(|w| {
+            if w.timeline.0 == own {
+                w.until.to_string()
+            } else {
+                format!("tli {}: {}", w.timeline, w.until)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One line per backup, then its problems indented; the WAL archive likewise; a total last.
+pub fn print_validate_report(r: &ValidateReport) {
+    for label in &r.interrupted {
+        println!("backup {label} was RUNNING but its process is gone: now ERROR");
+    }
+    for b in &r.backups {
+        let change = if b.was == b.status {
+            String::new()
+        } else {
+            format!(" (was {})", b.was)
+        };
+        let detail = if b.problems.is_empty() {
+            format!(
+                "{} files intact, restorable until {}",
+                b.files_checked,
+                windows_text(&b.windows, b.windows.first().map_or(0, |w| w.timeline.0))
+            )
+        } else {
+            format!("{} problem(s)", b.problems.len())
+        };
+        println!("backup {} {}{change}: {detail}", b.label, b.status);
+        for p in &b.problems {
+            println!("  {}: {}", p.object, p.reason);
+        }
+    }
+    let w = &r.wal;
+    println!(
+        "WAL archive: {} files checked, {} damaged or missing, {} gap(s)",
+        w.files_checked,
+        w.bad.len(),
+        w.gaps.len()
+    );
+    for bad in &w.bad {
+        println!("  WAL {}: {}{}", bad.name, bad.reason, cuts_text(&bad.cuts));
+    }
+    for g in &w.gaps {
+        let span = if g.segments == 1 {
+            format!("{} (1 segment missing)", g.first)
+        } else {
+            format!(
+                "{} to {} ({} segments missing)",
+                g.first, g.last, g.segments
+            )
+        };
+        println!(
+            "  WAL gap on timeline {}: {span}{}",
+            g.timeline,
+            cuts_text(&g.cuts)
+        );
+    }
+    for note in &w.notes {
+        println!("  note: {note}");
+    }
+    let secs = r.elapsed.as_secs_f64();
+    println!(
+        "validated {} backup(s) and {} WAL file(s): {} read in {:.1} s ({:.0} MB/s); {} problem(s)",
+        r.backups.len(),
+        w.files_checked,
+        human_bytes(r.bytes_read),
+        secs,
+        r.bytes_read as f64 / 1e6 / secs.max(1e-3),
+        r.problems()
+    );
+}
+
+/// `; cuts the restorable window of backup X on timeline 1 at 0/5000000` for each cut.
+fn cuts_text(cuts: &[Cut]) -> String {
+    cuts.iter()
+        .map(|c| {
+            format!(
+                "; cuts the restorable window of backup {} on timeline {} at {}",
+                c.label, c.timeline, c.at
+            )
+        })
+        .collect()
+}
+
+/// One line for the rebuilt catalog, then a warning per thing left out.
+pub fn print_rebuild_report(r: &RebuildReport) {
+    println!(
+        "catalog {} {}: {} backup(s) with {} file(s), {} WAL file(s)",
+        r.catalog.display(),
+        if r.created { "created" } else { "rebuilt" },
+        r.backups,
+        r.files,
+        r.wal
+    );
+    for w in &r.warnings {
+        eprintln!("pgkeep: warning: {w}");
     }
 }
 

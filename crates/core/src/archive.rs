@@ -180,7 +180,8 @@ fn check_content(
     Ok(())
 }
 
-fn wal_kind(name: &WalFileName) -> WalKind {
+/// The catalog's kind for a WAL file name.
+pub(crate) fn wal_kind(name: &WalFileName) -> WalKind {
     match name {
         WalFileName::Segment { .. } => WalKind::Segment,
         WalFileName::Partial { .. } => WalKind::Partial,

@@ -14,10 +14,13 @@ pub mod lock;
 pub mod parallel;
 pub mod pg;
 pub mod progress;
+pub mod rebuild;
 pub mod repo;
 pub mod restore;
 pub mod show;
 pub mod user;
+pub mod validate;
+pub mod walchain;
 pub mod walk;
 
 pub use config::Config;

@@ -24,6 +24,12 @@ impl Repo {
     pub fn open(cfg: &Config) -> Result<Repo> {
         let root = cfg.repo.path.clone();
         let catalog_path = catalog_path(&root);
+        if !catalog_path.exists() && holds_data(&root) {
+            bail!(
+                "catalog {} is missing but the repository holds backups or WAL: run `pgkeep catalog rebuild`",
+                catalog_path.display()
+            );
+        }
         if !catalog_path.exists() {
             bail!(
                 "repository {} is not initialised: run `pgkeep init` (or fix [repo] path in {})",
@@ -77,6 +83,15 @@ fn give_sidecars_to_owner(catalog_path: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// True when the repository has a WAL archive or backup directory (the first component of
+/// those keys), so losing its catalog loses no data: `catalog rebuild` recovers it.
+fn holds_data(root: &Path) -> bool {
+    [keys::wal_prefix(0), keys::backup_prefix("")]
+        .iter()
+        .filter_map(|key| key.split('/').next())
+        .any(|dir| root.join(dir).is_dir())
 }
 
 /// Where the SQLite catalog lives inside a repository.

@@ -1,4 +1,5 @@
-//! `pgkeep show`: the backups in the catalog, as records or as the `show --json` document.
+//! `pgkeep show`: the backups in the catalog with their restorable windows, as records or as
+//! the `show --json` document.
 
 use anyhow::Result;
 pub use pgkeep_catalog::BackupRecord;
@@ -6,30 +7,79 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::repo::Repo;
+use crate::walchain::WalChain;
+pub use crate::walchain::Window;
+
+/// A backup as `show` lists it.
+#[derive(Clone, Debug)]
+pub struct Shown {
+    pub record: BackupRecord,
+    /// How far the backup can be rolled forward, per timeline (see [`WalChain::windows`]);
+    /// empty unless it is DONE or OK and its WAL is all there.
+    pub windows: Vec<Window>,
+}
 
 /// Backups oldest first, optionally only the one with `label` (an unknown label is an error).
-pub fn show(cfg: &Config, label: Option<&str>) -> Result<Vec<BackupRecord>> {
+pub fn show(cfg: &Config, label: Option<&str>) -> Result<Vec<Shown>> {
     let repo = Repo::open(cfg)?;
     crate::backup::mark_interrupted(&repo.catalog, false)?;
     let backups = repo.catalog.backups()?;
-    match label {
-        None => Ok(backups),
+    let backups = match label {
+        None => backups,
         Some(l) => {
             let found: Vec<_> = backups.into_iter().filter(|b| b.label == l).collect();
             if found.is_empty() {
                 anyhow::bail!("backup {l} not found: `pgkeep show` lists the backups");
             }
-            Ok(found)
+            found
         }
+    };
+    let chain = WalChain::from_repo(&repo)?;
+    Ok(backups
+        .into_iter()
+        .map(|record| Shown {
+            windows: restorable_windows(&chain, &record),
+            record,
+        })
+        .collect())
+}
+
+/// The windows of a backup restore may use; none for the others.
+pub fn restorable_windows(chain: &WalChain, b: &BackupRecord) -> Vec<Window> {
+    if b.status.is_restorable() {
+        chain.windows(b)
+    } else {
+        Vec::new()
     }
 }
 
 /// The `show --json` document: `{"backups": [...]}`, field names fixed by the CLI contract.
-pub fn backups_json(backups: &[BackupRecord]) -> Value {
+pub fn backups_json(backups: &[Shown]) -> Value {
     json!({ "backups": backups.iter().map(backup_json).collect::<Vec<_>>() })
 }
 
-fn backup_json(b: &BackupRecord) -> Value {
+fn backup_json(shown: &Shown) -> Value {
+    let mut v = record_json(&shown.record);
+    let own = shown
+        .windows
+        .iter()
+        .find(|w| w.timeline.0 == shown.record.timeline);
+    v["restorable_until"] = json!(own.map(|w| w.until.to_string()));
+    v["restorable_windows"] = shown
+        .windows
+        .iter()
+        .map(|w| {
+            json!({
+                "timeline": w.timeline.0,
+                "until": w.until.to_string(),
+                "last_wal": w.last_wal,
+            })
+        })
+        .collect();
+    v
+}
+
+fn record_json(b: &BackupRecord) -> Value {
     let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
         t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
     };

@@ -56,6 +56,14 @@ pub enum FormatError {
     #[error("invalid backup_label line {line}: {reason}")]
     InvalidBackupLabel { line: usize, reason: String },
 
+    /// A timeline history file line that cannot be read.
+    #[error("invalid timeline history file {tli:08X}.history line {line}: {reason}")]
+    InvalidHistory {
+        tli: u32,
+        line: usize,
+        reason: String,
+    },
+
     /// A `backup_label` without a line PostgreSQL always writes.
     #[error("backup_label has no {0:?} line")]
     MissingBackupLabelField(&'static str),

@@ -1,7 +1,8 @@
 //! PostgreSQL's on-disk formats as pgkeep needs them, for PostgreSQL 12 to 18:
 //! LSNs and timelines, WAL segment sizes and file names, the long header of a
-//! WAL segment, `pg_control`, data page headers and checksums, `backup_label`,
-//! and the rules for which files of a data directory a backup skips. Every
+//! WAL segment, timeline history files, `pg_control`, data page headers and
+//! checksums, `backup_label`, and the rules for which files of a data
+//! directory a backup skips. Every
 //! function here is pure: parsers take the bytes or text they are handed,
 //! never touch files or the network, and return a [`FormatError`] that names
 //! what was wrong instead of panicking on bad input.
@@ -9,6 +10,7 @@
 pub mod control;
 pub mod error;
 pub mod exclude;
+pub mod history;
 pub mod label;
 pub mod lsn;
 pub mod page;
@@ -22,6 +24,7 @@ pub use exclude::{
     classify, is_temp_relation_name, is_unlogged_skip, parse_relation_file_name,
     parse_relation_path, unlogged_relfilenodes, Disposition, Fork, RelFile,
 };
+pub use history::{parse_history, HistoryEntry};
 pub use label::BackupLabel;
 pub use lsn::Lsn;
 pub use page::{
