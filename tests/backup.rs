@@ -181,11 +181,3 @@ fn a_corrupted_page_is_reported_with_file_and_block() {
     assert_eq!(b["status"], "DONE");
     assert_eq!(b["page_checksum_failures"], 1);
 }
-
-#[test]
-fn diff_and_incr_are_refused_until_supported() {
-    let cluster = Cluster::new();
-    let run = cluster.pgkeep(&["backup", "--type", "incr"]);
-    assert_eq!(run.code, Some(1), "{run:?}");
-    assert!(run.stderr.contains("--type full"), "{run:?}");
-}

@@ -8,5 +8,6 @@ mod archive;
 mod backup;
 mod cli;
 mod formats;
+mod incremental;
 mod init;
 mod restore;

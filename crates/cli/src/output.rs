@@ -7,12 +7,21 @@ use pgkeep_core::show::BackupRecord;
 /// A pg_rman-like table of backups, oldest first.
 pub fn print_backups(backups: &[BackupRecord]) {
     println!(
-        "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19}",
-        "LABEL", "TYPE", "STATUS", "START", "DATA", "STORED", "TLI", "START LSN", "STOP LSN"
+        "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {}",
+        "LABEL",
+        "TYPE",
+        "STATUS",
+        "START",
+        "DATA",
+        "STORED",
+        "TLI",
+        "START LSN",
+        "STOP LSN",
+        "PARENT"
     );
     for b in backups {
         println!(
-            "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19}",
+            "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {}",
             b.label,
             b.backup_type.as_str(),
             b.status.as_str(),
@@ -22,6 +31,7 @@ pub fn print_backups(backups: &[BackupRecord]) {
             b.timeline,
             b.start_lsn.to_string(),
             b.stop_lsn.map(|l| l.to_string()).unwrap_or_default(),
+            b.parent.as_deref().unwrap_or("-"),
         );
     }
 }
