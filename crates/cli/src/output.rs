@@ -7,17 +7,8 @@ use pgkeep_core::show::BackupRecord;
 /// A pg_rman-like table of backups, oldest first.
 pub fn print_backups(backups: &[BackupRecord]) {
     println!(
-        "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {}",
-        "LABEL",
-        "TYPE",
-        "STATUS",
-        "START",
-        "DATA",
-        "STORED",
-        "TLI",
-        "START LSN",
-        "STOP LSN",
-        "PARENT"
+        "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} PARENT",
+        "LABEL", "TYPE", "STATUS", "START", "DATA", "STORED", "TLI", "START LSN", "STOP LSN"
     );
     for b in backups {
         println!(

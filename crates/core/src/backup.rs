@@ -12,6 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -708,13 +709,10 @@ impl Copier<'_> {
             let Some(mut file) = open(entry)? else {
                 return Ok(None);
             };
-            let mut sha = Sha256::new();
             let mut failures = Vec::new();
-            let size = self.scan(&mut file, entry, buf, false, &mut failures, |chunk, _| {
-                sha.update(chunk);
-                Ok(())
-            })?;
-            if size == parent_size && p.sha256 == Some(<[u8; 32]>::from(sha.finalize())) {
+            let (size, sha) =
+                self.scan_hashed(&mut file, entry, buf, false, &mut failures, |_, _| Ok(()))?;
+            if size == parent_size && p.sha256 == Some(sha) {
                 self.progress.advance(size);
                 return Ok(Some((reference(entry, p), failures)));
             }
@@ -736,39 +734,48 @@ impl Copier<'_> {
         let since = self.parent.map_or(Lsn::INVALID, |p| p.record.start_lsn);
         let key = keys::backup_file(self.label, &entry.rel);
         let mut delta: Option<DeltaObject> = None;
-        let mut sha = Sha256::new();
         let mut failures = Vec::new();
         let mut tail: Vec<u8> = Vec::new();
-        let size = self.scan(&mut file, entry, buf, true, &mut failures, |chunk, offset| {
-            sha.update(chunk);
-            let first = offset / bs as u64;
-            let mut pages = chunk.chunks_exact(bs);
-            for (i, page) in (&mut pages).enumerate() {
-                let block = first + i as u64;
-                if block >= parent_blocks || page_changed(page, since) {
-                    self.delta_page(&mut delta, &key, block, page)?;
+        let scanned = self.scan_hashed(
+            &mut file,
+            entry,
+            buf,
+            true,
+            &mut failures,
+            |chunk, offset| {
+                let first = offset / bs as u64;
+                let mut pages = chunk.chunks_exact(bs);
+                for (i, page) in (&mut pages).enumerate() {
+                    let block = first + i as u64;
+                    if block >= parent_blocks || page_changed(page, since) {
+                        self.delta_page(&mut delta, &key, block, page)?;
+                    }
                 }
-            }
-            let rest = pages.remainder();
-            if !rest.is_empty() {
-                // Only a file being extended right now ends in part of a page; WAL replay
-                // rewrites that page, so padding it with zeros is safe.
-                tail.resize(bs, 0);
-                tail[..rest.len()].copy_from_slice(rest);
-                let block = first + (chunk.len() / bs) as u64;
-                self.delta_page(&mut delta, &key, block, &tail)?;
-            }
-            Ok(())
-        })?;
+                let rest = pages.remainder();
+                if !rest.is_empty() {
+                    // Only a file being extended right now ends in part of a page; WAL replay
+                    // rewrites that page, so padding it with zeros is safe.
+                    tail.resize(bs, 0);
+                    tail[..rest.len()].copy_from_slice(rest);
+                    let block = first + (chunk.len() / bs) as u64;
+                    self.delta_page(&mut delta, &key, block, &tail)?;
+                }
+                Ok(())
+            },
+        );
+        let (size, sha256) = scanned?;
         let n_blocks = size.div_ceil(bs as u64);
-        let sha256 = Some(<[u8; 32]>::from(sha.finalize()));
         let delta = match delta {
             Some(d) => d,
             None if size == parent_size => return Ok(Some((reference(entry, p), failures))),
             None => new_delta(self.storage, &key, bs)?,
         };
-        let n_blocks_u32 = u32::try_from(n_blocks)
-            .map_err(|_| anyhow!("{} has {n_blocks} blocks, too many for one relation segment file", entry.rel))?;
+        let n_blocks_u32 = u32::try_from(n_blocks).map_err(|_| {
+            anyhow!(
+                "{} has {n_blocks} blocks, too many for one relation segment file",
+                entry.rel
+            )
+        })?;
         let writer = delta
             .finish(n_blocks_u32)
             .with_context(|| format!("writing {key}"))?;
@@ -778,7 +785,7 @@ impl Copier<'_> {
         let mut rec = record_of(entry, Some(self.label));
         rec.size = digest.size;
         rec.crc32c = Some(digest.crc32c);
-        rec.sha256 = sha256;
+        rec.sha256 = Some(sha256);
         rec.stored_size = stored_size;
         rec.n_blocks = Some(n_blocks);
         rec.page_delta = true;
@@ -803,9 +810,8 @@ impl Copier<'_> {
             .with_context(|| format!("writing {key}"))
     }
 
-    /// Read `file` to its end in `buf`-sized chunks, verifying page checksums of relation files
-    /// (see [`Copier::check_pages`]) and handing each chunk and its offset to `f`. Returns the
-    /// bytes read. `count` says whether the bytes advance the progress.
+    /// Read `file` to its end in `buf`-sized chunks (see [`Copier::read_chunk`]), handing each
+    /// chunk and its offset to `f`. Returns the bytes read.
     fn scan(
         &self,
         file: &mut File,
@@ -815,28 +821,127 @@ impl Copier<'_> {
         failures: &mut Vec<PageFailure>,
         mut f: impl FnMut(&[u8], u64) -> Result<()>,
     ) -> Result<u64> {
-        let relation = parse_relation_path(&entry.rel).map(|(_, f)| f);
-        let check_pages = self.verify_checksums && relation.is_some();
-        let first_block = relation.map_or(0, |f| f.segno * self.blocks_per_segment);
+        let pages = self.page_check(entry);
         let mut offset: u64 = 0;
         loop {
-            let n = read_full(file, buf).with_context(|| format!("reading {}", entry.abs.display()))?;
+            let n = self.read_chunk(file, entry, pages, buf, offset, count, failures)?;
             if n == 0 {
                 break;
             }
-            if check_pages {
-                self.check_pages(file, &entry.rel, &mut buf[..n], offset, first_block, failures);
-            }
             f(&buf[..n], offset)?;
             offset += n as u64;
-            if count {
-                self.progress.advance(n as u64);
-            }
             if n < buf.len() {
                 break;
             }
         }
         Ok(offset)
+    }
+
+    /// [`Copier::scan`] that also returns the SHA-256 of the file. SHA-256 costs more than all
+    /// else done per byte here, so for a file longer than `buf` it runs on a helper thread, a
+    /// chunk behind the reader: a big relation file then takes about the time of its hash
+    /// alone, while the other workers go on with the rest of the cluster.
+    fn scan_hashed(
+        &self,
+        file: &mut File,
+        entry: &Entry,
+        buf: &mut [u8],
+        count: bool,
+        failures: &mut Vec<PageFailure>,
+        mut f: impl FnMut(&[u8], u64) -> Result<()>,
+    ) -> Result<(u64, [u8; 32])> {
+        let pages = self.page_check(entry);
+        let mut read = |b: &mut [u8], offset: u64| {
+            self.read_chunk(file, entry, pages, b, offset, count, failures)
+        };
+        let mut sha = Sha256::new();
+        let n = read(buf, 0)?;
+        f(&buf[..n], 0)?;
+        sha.update(&buf[..n]);
+        let len = buf.len();
+        if n < len {
+            return Ok((n as u64, sha.finalize().into()));
+        }
+        let mut offset = n as u64;
+        let hasher_gone = || anyhow!("hashing {}: the SHA-256 thread stopped", entry.rel);
+        std::thread::scope(|s| {
+            // Chunks travel to the hasher and back by value. Three buffers keep both threads
+            // busy: one being read and scanned, one being hashed, one in a channel.
+            let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(1);
+            let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+            let hasher = s.spawn(move || {
+                for (b, n) in full_rx {
+                    sha.update(&b[..n]);
+                    // Lost only if the reader failed; nothing to do about it then.
+                    let _ = free_tx.send(b);
+                }
+                <[u8; 32]>::from(sha.finalize())
+            });
+            let mut spare: Vec<Vec<u8>> = (0..2).map(|_| vec![0u8; len]).collect();
+            let pumped = loop {
+                let Some(mut b) = spare.pop().or_else(|| free_rx.recv().ok()) else {
+                    break Err(hasher_gone());
+                };
+                let n = match read(&mut b, offset) {
+                    Ok(n) => n,
+                    Err(e) => break Err(e),
+                };
+                if n == 0 {
+                    break Ok(());
+                }
+                if let Err(e) = f(&b[..n], offset) {
+                    break Err(e);
+                }
+                offset += n as u64;
+                if full_tx.send((b, n)).is_err() {
+                    break Err(hasher_gone());
+                }
+                if n < len {
+                    break Ok(());
+                }
+            };
+            drop(full_tx);
+            let digest = hasher.join().map_err(|_| hasher_gone());
+            pumped.and(digest).map(|d| (offset, d))
+        })
+    }
+
+    /// How to verify the pages of a file: None unless it is a relation file of a cluster with
+    /// data checksums, else the relation block number of its first page.
+    fn page_check(&self, entry: &Entry) -> Option<u32> {
+        let relation = parse_relation_path(&entry.rel).map(|(_, f)| f)?;
+        self.verify_checksums
+            .then(|| relation.segno * self.blocks_per_segment)
+    }
+
+    /// Fill `buf` from `file` (a short count means end of file), verify its pages when
+    /// `first_block` says so, and advance the progress if `count`.
+    #[allow(clippy::too_many_arguments)]
+    fn read_chunk(
+        &self,
+        file: &mut File,
+        entry: &Entry,
+        first_block: Option<u32>,
+        buf: &mut [u8],
+        offset: u64,
+        count: bool,
+        failures: &mut Vec<PageFailure>,
+    ) -> Result<usize> {
+        let n = read_full(file, buf).with_context(|| format!("reading {}", entry.abs.display()))?;
+        if let Some(first_block) = first_block {
+            self.check_pages(
+                file,
+                &entry.rel,
+                &mut buf[..n],
+                offset,
+                first_block,
+                failures,
+            );
+        }
+        if count {
+            self.progress.advance(n as u64);
+        }
+        Ok(n)
     }
 
     /// Verify the checksum of every whole page in `chunk`. A failing page is read again once: a

@@ -123,7 +123,10 @@ impl<W: Write> DeltaWriter<W> {
         if self.last.is_some_and(|l| l >= n_blocks) {
             return Err(io::Error::new(
                 ErrorKind::InvalidInput,
-                format!("page delta: file of {n_blocks} blocks holds block {:?}", self.last),
+                format!(
+                    "page delta: file of {n_blocks} blocks holds block {:?}",
+                    self.last
+                ),
             ));
         }
         let mut trailer = [0u8; TRAILER_LEN as usize];
@@ -284,10 +287,7 @@ mod tests {
 
     #[test]
     fn empty_delta_records_the_length() {
-        let bytes = DeltaWriter::new(Vec::new(), BS)
-            .unwrap()
-            .finish(0)
-            .unwrap();
+        let bytes = DeltaWriter::new(Vec::new(), BS).unwrap().finish(0).unwrap();
         assert_eq!(bytes.len() as u64, raw_len(BS, 0));
         assert_eq!(read_all(&bytes).unwrap(), (vec![], 0));
     }

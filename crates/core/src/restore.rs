@@ -22,7 +22,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
 use pgkeep_catalog::{BackupRecord, BackupStatus, Catalog, FileKind, FileRecord};
 use pgkeep_pg::{Lsn, TimelineId};
-use pgkeep_repo::{fetch_decompressed, get_bytes, keys, DecompressReader, FrameError, StorageError};
+use pgkeep_repo::{
+    fetch_decompressed, get_bytes, keys, DecompressReader, FrameError, StorageError,
+};
 use sha2::{Digest as _, Sha256};
 
 use crate::backup::{file_size, needed_segments, BACKUP_LABEL, TABLESPACE_MAP};
@@ -557,7 +559,10 @@ impl Chain {
         loop {
             let label = &self.backups[pos].label;
             let holder = rec.stored_in.as_deref().ok_or_else(|| {
-                anyhow!("backup {label} records no content for {}: the catalog is damaged", rec.path)
+                anyhow!(
+                    "backup {label} records no content for {}: the catalog is damaged",
+                    rec.path
+                )
             })?;
             if holder != label {
                 pos = self
@@ -575,7 +580,10 @@ impl Chain {
                 key: keys::backup_file(label, &rec.path),
                 size: rec.size,
                 crc: rec.crc32c.ok_or_else(|| {
-                    anyhow!("backup {label} records no CRC for {}: the catalog is damaged", rec.path)
+                    anyhow!(
+                        "backup {label} records no CRC for {}: the catalog is damaged",
+                        rec.path
+                    )
                 })?,
             };
             if !rec.page_delta {
@@ -620,7 +628,9 @@ struct CappedWriter<'a> {
 
 impl Write for CappedWriter<'_> {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let take = b.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let take = b
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         if take == 0 {
             return Ok(b.len());
         }
