@@ -286,3 +286,100 @@ fn diff_and_incr_without_a_usable_parent_or_after_a_timeline_switch_are_refused(
     let incr = cluster.backup("incr");
     assert_eq!(incr["parent"], full["label"]);
 }
+
+/// Mark a backup CORRUPT in the catalog, as `validate` does when it finds damage.
+fn mark_corrupt(cluster: &Cluster, label: &str) {
+    let catalog = pgkeep_catalog::Catalog::open(&cluster.repo.join("catalog.db")).unwrap();
+    catalog
+        .set_status(label, pgkeep_catalog::BackupStatus::Corrupt, Some("test"))
+        .unwrap();
+    drop(catalog);
+    // Files SQLite created while we (root) held the catalog must stay the cluster user's.
+    for e in fs::read_dir(&cluster.repo).unwrap() {
+        crate::harness::chown_to_postgres(&e.unwrap().path());
+    }
+}
+
+#[test]
+fn a_chain_with_a_corrupt_parent_is_neither_restored_nor_built_on() {
+    let cluster = Cluster::new();
+    cluster.execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS id");
+    let full = label(&cluster.backup("full"));
+    cluster.execute("INSERT INTO t SELECT generate_series(1001, 2000)");
+    let incr = label(&cluster.backup("incr"));
+    mark_corrupt(&cluster, &full);
+    let dest = cluster.dir.path().join("restored");
+    let run = cluster.pgkeep(&[
+        "restore",
+        "--pgdata",
+        dest.to_str().unwrap(),
+        "--backup",
+        &incr,
+    ]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    assert!(
+        run.stderr.contains(&full) && run.stderr.contains("CORRUPT"),
+        "{run:?}"
+    );
+    assert!(!dest.exists(), "restore wrote before refusing");
+    assert_refused(&cluster.pgkeep(&["backup", "--type", "incr"]), &full);
+    assert_refused(
+        &cluster.pgkeep(&["backup", "--type", "diff"]),
+        "no DONE or OK full backup",
+    );
+}
+
+#[test]
+fn delta_restore_of_an_incremental_keeps_unchanged_files_and_recovers_its_data() {
+    let mut cluster = Cluster::new();
+    cluster.pg_tool_ok("pgbench", &["-i", "-s", "2", "-q"]);
+    cluster.backup("full");
+    cluster.pg_tool_ok("pgbench", &["-c", "1", "-t", "300", "-n"]);
+    let incr = label(&cluster.backup("incr"));
+    let tables = [
+        ("pgbench_accounts", "aid"),
+        ("pgbench_branches", "bid"),
+        ("pgbench_tellers", "tid"),
+        ("pgbench_history", "t::text"),
+    ];
+    let want: Vec<String> = tables
+        .iter()
+        .map(|(t, k)| cluster.fingerprint(t, k))
+        .collect();
+    // The live cluster moves on; the restore must bring back the incremental's state.
+    cluster.pg_tool_ok("pgbench", &["-c", "1", "-t", "300", "-n"]);
+    cluster.execute("CREATE TABLE extra AS SELECT generate_series(1, 10000) AS id; CHECKPOINT");
+    cluster.stop();
+    let run = cluster.restore(&[
+        "--delta",
+        "--backup",
+        &incr,
+        "--target",
+        "immediate",
+        "--target-action",
+        "promote",
+        "--target-timeline",
+        "current",
+    ]);
+    assert!(run.success(), "{run:?}");
+    let kept: u64 = run
+        .stdout
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" kept"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no kept count: {run:?}"));
+    assert!(kept > 100, "{run:?}");
+    cluster.start();
+    cluster.wait_promoted();
+    let got: Vec<String> = tables
+        .iter()
+        .map(|(t, k)| cluster.fingerprint(t, k))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(
+        cluster.query_text("SELECT (to_regclass('extra') IS NULL)::text"),
+        "true"
+    );
+    check_and_stop(&mut cluster);
+}

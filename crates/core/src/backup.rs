@@ -1055,3 +1055,62 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An initialized, empty 8 kB page with LSN `lsn`.
+    fn page(lsn: u64) -> Vec<u8> {
+        let mut page = vec![0u8; 8192];
+        page[0..4].copy_from_slice(&((lsn >> 32) as u32).to_ne_bytes());
+        page[4..8].copy_from_slice(&(lsn as u32).to_ne_bytes());
+        page[12..14].copy_from_slice(&24u16.to_ne_bytes());
+        page[14..16].copy_from_slice(&8192u16.to_ne_bytes());
+        page[16..18].copy_from_slice(&8192u16.to_ne_bytes());
+        page[18..20].copy_from_slice(&(8192u16 | 4).to_ne_bytes());
+        page
+    }
+
+    #[test]
+    fn pages_older_than_the_parent_are_the_only_ones_left_out() {
+        let since = Lsn(0x1_0000_0000);
+        assert!(!page_changed(&page(0x0_FFFF_FFFF), since));
+        assert!(!page_changed(&page(1), since));
+        assert!(page_changed(&page(since.0), since));
+        assert!(page_changed(&page(u64::MAX), since));
+        // Invalid LSN, new (zero) page, insane header, too short to hold a header.
+        assert!(page_changed(&page(0), since));
+        assert!(page_changed(&[0u8; 8192], since));
+        let mut insane = page(1);
+        insane[10] = 0x80;
+        assert!(page_changed(&insane, since));
+        assert!(page_changed(&[1u8; 10], since));
+    }
+
+    #[test]
+    fn page_delta_records_describe_the_file_by_blocks() {
+        let mut rec = record_of(
+            &Entry {
+                rel: "base/5/16384".into(),
+                abs: "/nonexistent".into(),
+                kind: FileKind::File,
+                size: 3 * 8192,
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                link_target: None,
+            },
+            Some("L"),
+        );
+        rec.crc32c = Some(9);
+        assert_eq!(file_size(&rec, 8192), 3 * 8192);
+        assert_eq!(stored_expectation(&rec), Some((3 * 8192, 9)));
+        rec.page_delta = true;
+        rec.n_blocks = Some(5);
+        rec.size = crate::delta::raw_len(8192, 1);
+        assert_eq!(file_size(&rec, 8192), 5 * 8192);
+        assert_eq!(stored_expectation(&rec), Some((rec.size, 9)));
+    }
+}

@@ -495,6 +495,7 @@ struct Chain {
 }
 
 /// One stored object of a file's content and what it must decompress to.
+#[derive(Debug)]
 struct Layer {
     key: String,
     size: u64,
@@ -502,6 +503,7 @@ struct Layer {
 }
 
 /// Where one file's content comes from.
+#[derive(Debug)]
 struct Source {
     /// The whole copy the file starts from.
     base: Layer,
@@ -818,4 +820,122 @@ fn sync_filesystem(path: &Path) -> Result<()> {
             .with_context(|| format!("syncing {}", path.display()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgkeep_catalog::{BackupStatus, BackupType};
+
+    fn backup(label: &str, parent: Option<&str>) -> BackupRecord {
+        BackupRecord {
+            label: label.into(),
+            backup_type: if parent.is_some() {
+                BackupType::Incr
+            } else {
+                BackupType::Full
+            },
+            status: BackupStatus::Done,
+            parent: parent.map(str::to_string),
+            timeline: 1,
+            start_lsn: Lsn(0),
+            stop_lsn: None,
+            start_wal: String::new(),
+            stop_wal: None,
+            start_time: DateTime::default(),
+            end_time: None,
+            recovery_time: None,
+            data_bytes: 0,
+            stored_bytes: 0,
+            files: 0,
+            pg_version_num: 150000,
+            system_identifier: 1,
+            block_size: 8192,
+            data_checksums: true,
+            pid: 1,
+            hostname: String::new(),
+            page_checksum_failures: 0,
+            error: None,
+        }
+    }
+
+    fn file(stored_in: &str, page_delta: bool, size: u64) -> FileRecord {
+        FileRecord {
+            path: "base/5/16384".into(),
+            kind: FileKind::File,
+            size,
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            link_target: None,
+            crc32c: Some(7),
+            sha256: None,
+            stored_size: 0,
+            stored_in: Some(stored_in.into()),
+            n_blocks: Some(3),
+            page_delta,
+        }
+    }
+
+    /// F holds the file whole, I1 a delta, I2 refers to I1's delta, I3 a delta again.
+    fn chain(older: &[(&str, FileRecord)]) -> Chain {
+        let labels = ["I3", "I2", "I1", "F"];
+        let backups = labels
+            .iter()
+            .zip(labels.iter().skip(1).map(Some).chain([None]))
+            .map(|(l, p)| backup(l, p.copied()))
+            .collect();
+        Chain {
+            backups,
+            newest: Vec::new(),
+            older: older
+                .iter()
+                .map(|(l, f)| (l.to_string(), HashMap::from([(f.path.clone(), f.clone())])))
+                .collect(),
+            block_size: 8192,
+        }
+    }
+
+    #[test]
+    fn a_file_is_its_newest_whole_copy_plus_the_later_deltas_in_order() {
+        let c = chain(&[
+            ("F", file("F", false, 100_000)),
+            ("I1", file("I1", true, 40)),
+            ("I2", file("I1", true, 40)),
+        ]);
+        let s = c.source(&file("I3", true, 50)).unwrap();
+        assert_eq!(s.base.key, keys::backup_file("F", "base/5/16384"));
+        assert_eq!(s.base.size, 100_000);
+        let deltas: Vec<_> = s.deltas.iter().map(|d| d.key.clone()).collect();
+        assert_eq!(
+            deltas,
+            [
+                keys::backup_file("I1", "base/5/16384"),
+                keys::backup_file("I3", "base/5/16384")
+            ]
+        );
+        // A reference straight to the whole copy needs no delta.
+        let s = c.source(&file("F", false, 100_000)).unwrap();
+        assert!(s.deltas.is_empty());
+    }
+
+    #[test]
+    fn a_damaged_chain_is_an_error_not_a_loop_or_panic() {
+        // A delta whose parent lacks the file.
+        let c = chain(&[("F", file("F", false, 1))]);
+        let e = c.source(&file("I3", true, 40)).unwrap_err().to_string();
+        assert!(e.contains("missing from backup I2"), "{e}");
+        // References must point to older backups of the chain.
+        for holder in ["I9", "F2"] {
+            let e = c.source(&file(holder, false, 1)).unwrap_err().to_string();
+            assert!(e.contains("not an older backup of its chain"), "{e}");
+        }
+        let c = chain(&[("I2", file("I3", false, 1)), ("F", file("F", true, 40))]);
+        let e = c.source(&file("I2", false, 1)).unwrap_err().to_string();
+        assert!(e.contains("not an older backup of its chain"), "{e}");
+        // A delta in the full backup at the end of the chain.
+        let e = c.source(&file("F", true, 40)).unwrap_err().to_string();
+        assert!(e.contains("page delta in full backup F"), "{e}");
+    }
 }
