@@ -76,6 +76,23 @@ fn label(b: &Value) -> String {
     b["label"].as_str().unwrap().to_string()
 }
 
+/// Restore backup `label` into the cluster's data directory, recovering just to the end of
+/// that backup on its own timeline and promoting there.
+fn restore_to_its_end(cluster: &Cluster, label: &str, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "--backup",
+        label,
+        "--target",
+        "immediate",
+        "--target-action",
+        "promote",
+        "--target-timeline",
+        "current",
+    ];
+    args.extend_from_slice(extra);
+    cluster.restore(&args)
+}
+
 /// pg_amcheck on the running cluster, then pg_checksums on the stopped one: both clean.
 fn check_and_stop(cluster: &mut Cluster) {
     cluster.pg_tool_ok(
@@ -196,16 +213,7 @@ fn a_full_diff_incr_incr_chain_restores_every_backup_to_its_data() {
         cluster.stop_and_wipe();
         fs::remove_dir_all(&ts).unwrap();
         cluster.dir.subdir("ts");
-        let run = cluster.restore(&[
-            "--backup",
-            label,
-            "--target",
-            "immediate",
-            "--target-action",
-            "promote",
-            "--target-timeline",
-            "current",
-        ]);
+        let run = restore_to_its_end(&cluster, label, &[]);
         assert!(run.success(), "restore {label}: {run:?}");
         cluster.start();
         cluster.wait_promoted();
@@ -351,17 +359,7 @@ fn delta_restore_of_an_incremental_keeps_unchanged_files_and_recovers_its_data()
     cluster.pg_tool_ok("pgbench", &["-c", "1", "-t", "300", "-n"]);
     cluster.execute("CREATE TABLE extra AS SELECT generate_series(1, 10000) AS id; CHECKPOINT");
     cluster.stop();
-    let run = cluster.restore(&[
-        "--delta",
-        "--backup",
-        &incr,
-        "--target",
-        "immediate",
-        "--target-action",
-        "promote",
-        "--target-timeline",
-        "current",
-    ]);
+    let run = restore_to_its_end(&cluster, &incr, &["--delta"]);
     assert!(run.success(), "{run:?}");
     let kept: u64 = run
         .stdout

@@ -682,22 +682,16 @@ impl Copier<'_> {
         let relation = parse_relation_path(&entry.rel).map(|(_, f)| f);
         let key = keys::backup_file(self.label, &entry.rel);
         let object = self.storage.create(&key)?;
-        let mut writer = CompressWriter::new(object, true);
+        // The SHA-256 comes from scan, which hashes big files on a thread of their own.
+        let mut writer = CompressWriter::new(object, false);
         let mut failures = Vec::new();
-        self.scan(&mut file, entry, buf, true, &mut failures, |chunk, _| {
+        let (_, sha256) = self.scan(&mut file, entry, buf, true, &mut failures, |chunk, _| {
             writer
                 .write_all(chunk)
                 .with_context(|| format!("writing {key}"))
         })?;
-        let (digest, stored_size, object) =
-            writer.finish().with_context(|| format!("writing {key}"))?;
-        object.commit_unsynced()?;
-        let mut rec = record_of(entry, Some(self.label));
-        rec.size = digest.size;
-        rec.crc32c = Some(digest.crc32c);
-        rec.sha256 = digest.sha256;
-        rec.stored_size = stored_size;
-        rec.n_blocks = relation.map(|_| digest.size / self.block_size as u64);
+        let mut rec = self.commit(entry, &key, writer, sha256)?;
+        rec.n_blocks = relation.map(|_| rec.size / self.block_size as u64);
         Ok(Some((rec, failures)))
     }
 
@@ -711,7 +705,7 @@ impl Copier<'_> {
             };
             let mut failures = Vec::new();
             let (size, sha) =
-                self.scan_hashed(&mut file, entry, buf, false, &mut failures, |_, _| Ok(()))?;
+                self.scan(&mut file, entry, buf, false, &mut failures, |_, _| Ok(()))?;
             if size == parent_size && p.sha256 == Some(sha) {
                 self.progress.advance(size);
                 return Ok(Some((reference(entry, p), failures)));
@@ -736,7 +730,7 @@ impl Copier<'_> {
         let mut delta: Option<DeltaObject> = None;
         let mut failures = Vec::new();
         let mut tail: Vec<u8> = Vec::new();
-        let scanned = self.scan_hashed(
+        let scanned = self.scan(
             &mut file,
             entry,
             buf,
@@ -779,6 +773,21 @@ impl Copier<'_> {
         let writer = delta
             .finish(n_blocks_u32)
             .with_context(|| format!("writing {key}"))?;
+        let mut rec = self.commit(entry, &key, writer, sha256)?;
+        rec.n_blocks = Some(n_blocks);
+        rec.page_delta = true;
+        Ok(Some((rec, failures)))
+    }
+
+    /// Complete a stored object and describe it: `size` and `crc32c` are those of the raw
+    /// stream written (the file, or its page delta), `sha256` the file's.
+    fn commit(
+        &self,
+        entry: &Entry,
+        key: &str,
+        writer: CompressWriter<Box<dyn PendingObject>>,
+        sha256: [u8; 32],
+    ) -> Result<FileRecord> {
         let (digest, stored_size, object) =
             writer.finish().with_context(|| format!("writing {key}"))?;
         object.commit_unsynced()?;
@@ -787,9 +796,7 @@ impl Copier<'_> {
         rec.crc32c = Some(digest.crc32c);
         rec.sha256 = Some(sha256);
         rec.stored_size = stored_size;
-        rec.n_blocks = Some(n_blocks);
-        rec.page_delta = true;
-        Ok(Some((rec, failures)))
+        Ok(rec)
     }
 
     /// Add one page to the delta, creating its object on the first page.
@@ -811,37 +818,12 @@ impl Copier<'_> {
     }
 
     /// Read `file` to its end in `buf`-sized chunks (see [`Copier::read_chunk`]), handing each
-    /// chunk and its offset to `f`. Returns the bytes read.
+    /// chunk and its offset to `f`. Returns the bytes read and their SHA-256.
+    ///
+    /// SHA-256 costs more than all else done per byte here, so for a file longer than `buf` it
+    /// runs on a helper thread, a chunk behind the reader: a big relation file then takes about
+    /// the time of its hash alone, while the other workers go on with the rest of the cluster.
     fn scan(
-        &self,
-        file: &mut File,
-        entry: &Entry,
-        buf: &mut [u8],
-        count: bool,
-        failures: &mut Vec<PageFailure>,
-        mut f: impl FnMut(&[u8], u64) -> Result<()>,
-    ) -> Result<u64> {
-        let pages = self.page_check(entry);
-        let mut offset: u64 = 0;
-        loop {
-            let n = self.read_chunk(file, entry, pages, buf, offset, count, failures)?;
-            if n == 0 {
-                break;
-            }
-            f(&buf[..n], offset)?;
-            offset += n as u64;
-            if n < buf.len() {
-                break;
-            }
-        }
-        Ok(offset)
-    }
-
-    /// [`Copier::scan`] that also returns the SHA-256 of the file. SHA-256 costs more than all
-    /// else done per byte here, so for a file longer than `buf` it runs on a helper thread, a
-    /// chunk behind the reader: a big relation file then takes about the time of its hash
-    /// alone, while the other workers go on with the rest of the cluster.
-    fn scan_hashed(
         &self,
         file: &mut File,
         entry: &Entry,
