@@ -183,14 +183,6 @@ fn a_corrupted_page_is_reported_with_file_and_block() {
 }
 
 #[test]
-fn diff_and_incr_are_refused_until_supported() {
-    let cluster = Cluster::new();
-    let run = cluster.pgkeep(&["backup", "--type", "incr"]);
-    assert_eq!(run.code, Some(1), "{run:?}");
-    assert!(run.stderr.contains("--type full"), "{run:?}");
-}
-
-#[test]
 fn backup_whose_wal_never_reaches_the_archive_fails_after_the_timeout() {
     let cluster = Cluster::new();
     let text = std::fs::read_to_string(&cluster.config)

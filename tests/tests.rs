@@ -8,6 +8,7 @@ mod archive;
 mod backup;
 mod cli;
 mod formats;
+mod incremental;
 mod init;
 mod restore;
 mod tidy;

@@ -223,7 +223,10 @@ pub struct FileRecord {
     pub path: String,
     /// File, directory or symbolic link.
     pub kind: FileKind,
-    /// Size in bytes of the file as backed up.
+    /// Size in bytes of the raw stored stream: the file's size as backed up, except for
+    /// page-delta files, where it is the length of the delta stream (the file itself is
+    /// `n_blocks` pages long). Validation compares the decompressed object against this size and
+    /// `crc32c`, whatever the kind of object.
     pub size: u64,
     /// `st_mode` as recorded.
     pub mode: u32,
@@ -238,13 +241,15 @@ pub struct FileRecord {
     /// CRC-32C of the stored raw bytes (for page-delta files: of the stored delta stream); None
     /// for directories and symbolic links.
     pub crc32c: Option<u32>,
-    /// SHA-256 of the file's full content as backed up; None for directories, symbolic links
-    /// and page-delta files.
+    /// SHA-256 of the file's full content as backed up (for page-delta files: of the whole file
+    /// as read, so `restore --delta` can compare); None for directories and symbolic links.
     pub sha256: Option<[u8; 32]>,
-    /// Compressed bytes in the repository.
+    /// Compressed bytes this backup added to the repository for the file (0 when `stored_in`
+    /// names an ancestor).
     pub stored_size: u64,
     /// Label of the backup whose repository object holds the content (this backup, or an
-    /// ancestor for unchanged files); None for directories and symbolic links.
+    /// ancestor for unchanged files; the record is then a copy of that backup's); None for
+    /// directories and symbolic links.
     pub stored_in: Option<String>,
     /// Length in blocks, for relation files.
     pub n_blocks: Option<u64>,

@@ -10,8 +10,17 @@ use pgkeep_core::validate::{Cut, ValidateReport};
 /// A pg_rman-like table of backups, oldest first.
 pub fn print_backups(backups: &[Shown]) {
     println!(
-        "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} RESTORABLE UNTIL",
-        "LABEL", "TYPE", "STATUS", "START", "DATA", "STORED", "TLI", "START LSN", "STOP LSN"
+        "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {:<18} RESTORABLE UNTIL",
+        "LABEL",
+        "TYPE",
+        "STATUS",
+        "START",
+        "DATA",
+        "STORED",
+        "TLI",
+        "START LSN",
+        "STOP LSN",
+        "PARENT"
     );
     for Shown { record: b, windows } in backups {
         let until = if !windows.is_empty() {
@@ -22,7 +31,7 @@ pub fn print_backups(backups: &[Shown]) {
             String::new()
         };
         println!(
-            "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {}",
+            "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {:<18} {}",
             b.label,
             b.backup_type.as_str(),
             b.status.as_str(),
@@ -32,6 +41,7 @@ pub fn print_backups(backups: &[Shown]) {
             b.timeline,
             b.start_lsn.to_string(),
             b.stop_lsn.map(|l| l.to_string()).unwrap_or_default(),
+            b.parent.as_deref().unwrap_or("-"),
             until,
         );
     }

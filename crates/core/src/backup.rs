@@ -1,10 +1,18 @@
 //! `pgkeep backup`: copy a running cluster between non-exclusive `pg_backup_start` and
 //! `pg_backup_stop` on one held connection, then wait until the archive holds every WAL segment
 //! the backup needs. Only then is the backup DONE.
+//!
+//! A diff or incr backup builds on a parent (the newest full, or the newest backup of any type).
+//! Relation main forks the parent has are stored as page deltas ([`crate::delta`]): the pages
+//! whose `pd_lsn` is at or after the parent's start LSN, plus new, zero and insane pages and
+//! every page past the parent's length. Every other file is stored whole when its content differs
+//! from the parent's (SHA-256), else its record refers to the backup that holds the bytes.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -12,14 +20,16 @@ use chrono::{DateTime, Utc};
 pub use pgkeep_catalog::BackupType;
 use pgkeep_catalog::{meta, BackupRecord, BackupStatus, Catalog, FileKind, FileRecord};
 use pgkeep_pg::{
-    parse_relation_path, segment_name, verify_page, BackupLabel, Lsn, PageHeader, PageVerdict,
-    TimelineId, WalSegSize,
+    parse_relation_path, segment_name, verify_page, BackupLabel, Fork, Lsn, PageHeader,
+    PageVerdict, TimelineId, WalSegSize,
 };
-use pgkeep_repo::{keys, put_bytes, CompressWriter, Storage};
+use pgkeep_repo::{keys, put_bytes, CompressWriter, PendingObject, Storage};
+use sha2::{Digest as _, Sha256};
 
 use crate::archive::wait_for_wal;
 use crate::check::archive_command_ok;
 use crate::config::Config;
+use crate::delta::DeltaWriter;
 use crate::init::check_same_cluster;
 use crate::lock::BackupLock;
 use crate::parallel;
@@ -66,12 +76,6 @@ pub fn backup(
 ) -> Result<BackupSummary> {
     let started = Instant::now();
     let repo = Repo::open(cfg)?;
-    if opts.backup_type != BackupType::Full {
-        bail!(
-            "--type {} is not available in this version of pgkeep: take --type full",
-            opts.backup_type.as_str()
-        );
-    }
     let lock_holder = format!("pid {} on {}", user::pid(), user::hostname());
     let _lock = BackupLock::acquire(&repo.root, &lock_holder)?;
     // Holding the lock, no other backup can be running: any RUNNING row is a dead one.
@@ -79,12 +83,21 @@ pub fn backup(
 
     let mut conn = pg::connect(&cfg.pg)?;
     let server = preflight(&mut conn, cfg, &repo)?;
+    let parent = match opts.backup_type {
+        BackupType::Full => None,
+        t => {
+            let parent = choose_parent(&repo.catalog, t)?;
+            let timeline = insert_timeline(&mut conn)?;
+            check_parent(&parent, t, &server, timeline)?;
+            Some(parent)
+        }
+    };
     let label = new_label(&repo.catalog, opts.backup_type)?;
     let mut record = BackupRecord {
         label: label.clone(),
         backup_type: opts.backup_type,
         status: BackupStatus::Running,
-        parent: None,
+        parent: parent.as_ref().map(|p| p.label.clone()),
         timeline: 0,
         start_lsn: Lsn::INVALID,
         stop_lsn: None,
@@ -110,7 +123,16 @@ pub fn backup(
         .jobs
         .unwrap_or_else(|| cfg.backup.effective_jobs())
         .max(1);
-    match run(cfg, &repo, &mut conn, &server, &mut record, jobs, progress) {
+    match run(
+        cfg,
+        &repo,
+        &mut conn,
+        &server,
+        parent.as_ref(),
+        &mut record,
+        jobs,
+        progress,
+    ) {
         Ok(page_failures) => Ok(BackupSummary {
             record,
             elapsed: started.elapsed(),
@@ -188,6 +210,112 @@ fn preflight(conn: &mut PgConn, cfg: &Config, repo: &Repo) -> Result<ServerIdent
     Ok(server)
 }
 
+/// The backup a diff (newest full) or incr (newest of any type) builds on: the newest DONE or OK
+/// one, whose ancestors must all be DONE or OK too.
+fn choose_parent(catalog: &Catalog, t: BackupType) -> Result<BackupRecord> {
+    let backups = catalog.backups()?;
+    let parent = backups
+        .iter()
+        .rev()
+        .filter(|b| b.status.is_restorable())
+        .find(|b| t == BackupType::Incr || b.backup_type == BackupType::Full)
+        .ok_or_else(|| {
+            let what = if t == BackupType::Diff { "full backup" } else { "backup" };
+            anyhow!(
+                "no DONE or OK {what} to take a {t} backup from: take a full backup first with `pgkeep backup --type full`"
+            )
+        })?;
+    let by_label: HashMap<&str, &BackupRecord> =
+        backups.iter().map(|b| (b.label.as_str(), b)).collect();
+    let mut b = parent;
+    // Each step goes to an older backup, so a chain is at most as long as the list.
+    for _ in 0..backups.len() {
+        let Some(up) = &b.parent else {
+            return Ok(parent.clone());
+        };
+        b = by_label.get(up.as_str()).copied().ok_or_else(|| {
+            anyhow!(
+                "backup {up}, which backup {} builds on, is not in the catalog: take a full backup with `pgkeep backup --type full`",
+                b.label
+            )
+        })?;
+        if !b.status.is_restorable() {
+            bail!(
+                "backup {}, which backup {} builds on, has status {}: take a full backup with `pgkeep backup --type full`",
+                b.label,
+                parent.label,
+                b.status
+            );
+        }
+    }
+    bail!(
+        "the parent chain of backup {} loops: take a full backup with `pgkeep backup --type full`",
+        parent.label
+    )
+}
+
+/// A diff or incr is only meaningful against a parent of the same cluster, history and page
+/// layout; anything else needs a new full backup.
+fn check_parent(
+    parent: &BackupRecord,
+    t: BackupType,
+    server: &ServerIdentity,
+    timeline: u32,
+) -> Result<()> {
+    let differs = |what: &str, server_value: String, parent_value: String| {
+        anyhow!(
+            "cannot take a {t} backup from backup {}: the server's {what} is {server_value} but the backup's is {parent_value}; take a full backup with `pgkeep backup --type full`",
+            parent.label
+        )
+    };
+    if parent.system_identifier != server.system_identifier {
+        return Err(differs(
+            "system identifier",
+            server.system_identifier.to_string(),
+            parent.system_identifier.to_string(),
+        ));
+    }
+    if parent.timeline != timeline {
+        return Err(differs(
+            "timeline",
+            timeline.to_string(),
+            parent.timeline.to_string(),
+        ));
+    }
+    if parent.block_size != server.block_size {
+        return Err(differs(
+            "block size",
+            server.block_size.to_string(),
+            parent.block_size.to_string(),
+        ));
+    }
+    if parent.data_checksums != server.data_checksums {
+        let on = |b: bool| if b { "on" } else { "off" }.to_string();
+        return Err(differs(
+            "data checksum setting",
+            on(server.data_checksums),
+            on(parent.data_checksums),
+        ));
+    }
+    if parent.pg_version_num / 10000 != server.major() {
+        return Err(differs(
+            "PostgreSQL major version",
+            server.major().to_string(),
+            (parent.pg_version_num / 10000).to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// The timeline WAL is being written on now (the checkpoint's timeline lags a promotion until
+/// the first checkpoint after it).
+fn insert_timeline(conn: &mut PgConn) -> Result<u32> {
+    let name = conn.query_text("SELECT pg_walfile_name(pg_current_wal_lsn())")?;
+    name.get(..8)
+        .and_then(|t| u32::from_str_radix(t, 16).ok())
+        .ok_or_else(|| anyhow!("unexpected WAL file name {name:?} from the server"))
+}
+
 /// A time-sortable label, `YYYYMMDD-HHMMSS` plus F, D or I; waits a second on a clash.
 fn new_label(catalog: &Catalog, t: BackupType) -> Result<String> {
     for _ in 0..5 {
@@ -200,11 +328,13 @@ fn new_label(catalog: &Catalog, t: BackupType) -> Result<String> {
     bail!("could not find a free backup label: is the system clock moving?")
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     cfg: &Config,
     repo: &Repo,
     conn: &mut PgConn,
     server: &ServerIdentity,
+    parent: Option<&BackupRecord>,
     record: &mut BackupRecord,
     jobs: usize,
     progress: &dyn Progress,
@@ -224,6 +354,10 @@ fn run(
     record.timeline = timeline;
     record.start_wal = segment_name(TimelineId(timeline), start_lsn.segment_number(seg), seg);
     repo.catalog.update_backup(record)?;
+    let parent = match parent {
+        Some(p) => Some(Parent::load(repo, p, conn, timeline, record.backup_type)?),
+        None => None,
+    };
 
     let entries = walk(&cfg.pg.data)?;
     let copier = Copier {
@@ -233,6 +367,7 @@ fn run(
         blocks_per_segment: server.blocks_per_segment,
         verify_checksums: server.data_checksums,
         start_lsn,
+        parent: parent.as_ref(),
         progress,
     };
     let copied = copier.copy_all(&entries, jobs)?;
@@ -296,7 +431,7 @@ fn run(
     record.data_bytes = files
         .iter()
         .filter(|f| f.kind == FileKind::File)
-        .map(|f| f.size)
+        .map(|f| file_size(f, server.block_size))
         .sum();
     record.stored_bytes = files.iter().map(|f| f.stored_size).sum::<u64>() + meta_bytes;
     record.files = files.iter().filter(|f| f.kind == FileKind::File).count() as u64;
@@ -320,6 +455,80 @@ fn run(
         .catalog
         .set_status(&record.label, BackupStatus::Done, None)?;
     Ok(copied.page_failures)
+}
+
+/// The length of the cluster file a record describes. For a page-delta record `size` is the
+/// length of the stored delta stream (what validation checks) and the file is `n_blocks` pages.
+pub fn file_size(rec: &FileRecord, block_size: u32) -> u64 {
+    if rec.page_delta {
+        rec.n_blocks.unwrap_or(0) * u64::from(block_size)
+    } else {
+        rec.size
+    }
+}
+
+/// What [`pgkeep_repo::fetch_decompressed`] must find in the object a file record's backup
+/// stored (the record's `stored_in` is that backup): raw length and CRC-32C. For a page-delta
+/// record that is the delta stream, whose length is the record's `size` like any other object's.
+/// None for directories and links, which have no object.
+pub fn stored_expectation(rec: &FileRecord) -> Option<(u64, u32)> {
+    rec.crc32c.map(|crc| (rec.size, crc))
+}
+
+/// The parent of a diff or incr backup: its record and its full logical file list.
+struct Parent {
+    record: BackupRecord,
+    /// Regular files by path.
+    files: HashMap<String, FileRecord>,
+    /// Directories, to tell a database directory that is new since the parent.
+    dirs: HashSet<String>,
+}
+
+impl Parent {
+    /// Called after the start call, when the checkpoint has settled the timeline.
+    fn load(
+        repo: &Repo,
+        record: &BackupRecord,
+        conn: &mut PgConn,
+        timeline: u32,
+        t: BackupType,
+    ) -> Result<Parent> {
+        if record.timeline != timeline {
+            bail!(
+                "cannot take a {t} backup from backup {}: the server is on timeline {timeline} but the backup was taken on timeline {}; take a full backup with `pgkeep backup --type full`",
+                record.label,
+                record.timeline
+            );
+        }
+        // Every page changed since the parent has an LSN at or after its start; a parent that
+        // starts beyond the server's WAL position belongs to another history.
+        let now = conn.current_wal_lsn()?;
+        if record.start_lsn > now {
+            bail!(
+                "cannot take a {t} backup from backup {}: it starts at LSN {} but the server's WAL is only at {now}; take a full backup with `pgkeep backup --type full`",
+                record.label,
+                record.start_lsn
+            );
+        }
+        let mut files = HashMap::new();
+        let mut dirs = HashSet::new();
+        for f in repo.catalog.files(&record.label)? {
+            match f.kind {
+                FileKind::File => {
+                    files.insert(f.path.clone(), f);
+                }
+                FileKind::Dir => {
+                    dirs.insert(f.path);
+                }
+                FileKind::Symlink => {}
+            }
+        }
+        Ok(Parent {
+            record: record.clone(),
+            files,
+            dirs,
+        })
+    }
 }
 
 /// Every WAL segment from the one holding `start` to the one holding the byte before `stop`.
@@ -380,6 +589,8 @@ struct Copier<'a> {
     blocks_per_segment: u32,
     verify_checksums: bool,
     start_lsn: Lsn,
+    /// The backup a diff or incr builds on; None for a full backup.
+    parent: Option<&'a Parent>,
     progress: &'a dyn Progress,
 }
 
@@ -387,6 +598,22 @@ struct Copied {
     files: Vec<FileRecord>,
     page_failures: Vec<PageFailure>,
 }
+
+/// How one file goes into a diff or incr backup.
+enum Plan<'p> {
+    /// Stored whole: new since the parent, or a full backup.
+    Whole,
+    /// Stored whole if its content differs from the parent's record, else referred to.
+    IfChanged(&'p FileRecord),
+    /// A relation main fork the parent has: the pages changed since the parent.
+    Pages(&'p FileRecord),
+}
+
+/// A file copy's outcome: its record and the pages whose checksum failed; None if the file
+/// vanished (WAL replay recreates it if it matters).
+type CopyResult = Result<Option<(FileRecord, Vec<PageFailure>)>>;
+
+type DeltaObject = DeltaWriter<CompressWriter<Box<dyn PendingObject>>>;
 
 impl Copier<'_> {
     fn copy_all(&self, entries: &[Entry], jobs: usize) -> Result<Copied> {
@@ -429,60 +656,282 @@ impl Copier<'_> {
         })
     }
 
-    /// Copy one file; None when it vanished (WAL replay recreates it if it matters).
-    fn copy_file(
-        &self,
-        entry: &Entry,
-        buf: &mut [u8],
-    ) -> Result<Option<(FileRecord, Vec<PageFailure>)>> {
-        let mut file = match File::open(&entry.abs) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("opening {}", entry.abs.display())),
+    fn copy_file(&self, entry: &Entry, buf: &mut [u8]) -> CopyResult {
+        match self.plan(entry) {
+            Plan::Whole => self.copy_whole(entry, buf),
+            Plan::IfChanged(p) => self.copy_if_changed(entry, p, buf),
+            Plan::Pages(p) => self.copy_pages(entry, p, buf),
+        }
+    }
+
+    fn plan(&self, entry: &Entry) -> Plan<'_> {
+        let Some(parent) = self.parent else {
+            return Plan::Whole;
+        };
+        let Some(p) = parent.files.get(&entry.rel) else {
+            return Plan::Whole;
+        };
+        match parse_relation_path(&entry.rel) {
+            // CREATE DATABASE ... STRATEGY file_copy copies pages that keep the template's old
+            // LSNs: a database directory new since the parent is copied whole.
+            Some((db, _)) if !parent.dirs.contains(&db) => Plan::Whole,
+            // The visibility and free space maps change without LSN bumps; init forks are small.
+            Some((_, f)) if f.fork == Fork::Main && p.n_blocks.is_some() => Plan::Pages(p),
+            _ if p.sha256.is_some() => Plan::IfChanged(p),
+            _ => Plan::Whole,
+        }
+    }
+
+    /// Store the whole file.
+    fn copy_whole(&self, entry: &Entry, buf: &mut [u8]) -> CopyResult {
+        let Some(mut file) = open(entry)? else {
+            return Ok(None);
         };
         let relation = parse_relation_path(&entry.rel).map(|(_, f)| f);
-        let check_pages = self.verify_checksums && relation.is_some();
-        let first_block = relation.map_or(0, |f| f.segno * self.blocks_per_segment);
         let key = keys::backup_file(self.label, &entry.rel);
         let object = self.storage.create(&key)?;
-        let mut writer = CompressWriter::new(object, true);
-        let mut offset: u64 = 0;
+        // The SHA-256 comes from scan, which hashes big files on a thread of their own.
+        let mut writer = CompressWriter::new(object, false);
         let mut failures = Vec::new();
-        loop {
-            let n = read_full(&mut file, buf)
-                .with_context(|| format!("reading {}", entry.abs.display()))?;
-            if n == 0 {
-                break;
-            }
-            if check_pages {
-                self.check_pages(
-                    &file,
-                    &entry.rel,
-                    &mut buf[..n],
-                    offset,
-                    first_block,
-                    &mut failures,
-                );
-            }
+        let (_, sha256) = self.scan(&mut file, entry, buf, true, &mut failures, |chunk, _| {
             writer
-                .write_all(&buf[..n])
-                .with_context(|| format!("writing {key}"))?;
-            offset += n as u64;
-            self.progress.advance(n as u64);
-            if n < buf.len() {
-                break;
+                .write_all(chunk)
+                .with_context(|| format!("writing {key}"))
+        })?;
+        let mut rec = self.commit(entry, &key, writer, sha256)?;
+        rec.n_blocks = relation.map(|_| rec.size / self.block_size as u64);
+        Ok(Some((rec, failures)))
+    }
+
+    /// Refer to the parent's copy when the file still has the same content, else store it whole.
+    /// Most such files are small, so reading a changed one twice costs little.
+    fn copy_if_changed(&self, entry: &Entry, p: &FileRecord, buf: &mut [u8]) -> CopyResult {
+        let parent_size = file_size(p, self.block_size as u32);
+        if entry.size == parent_size {
+            let Some(mut file) = open(entry)? else {
+                return Ok(None);
+            };
+            let mut failures = Vec::new();
+            let (size, sha) =
+                self.scan(&mut file, entry, buf, false, &mut failures, |_, _| Ok(()))?;
+            if size == parent_size && p.sha256 == Some(sha) {
+                self.progress.advance(size);
+                return Ok(Some((reference(entry, p), failures)));
             }
         }
+        self.copy_whole(entry, buf)
+    }
+
+    /// Store the pages of a relation main fork that may differ from the parent chain's copy,
+    /// and the file's length; refer to the parent's record when there are none and the length
+    /// is unchanged. The whole file is read anyway (its SHA-256 lets `restore --delta` compare).
+    fn copy_pages(&self, entry: &Entry, p: &FileRecord, buf: &mut [u8]) -> CopyResult {
+        let Some(mut file) = open(entry)? else {
+            return Ok(None);
+        };
+        let bs = self.block_size;
+        let parent_size = file_size(p, bs as u32);
+        // Pages the parent chain has whole; every later one is new whatever its LSN says.
+        let parent_blocks = parent_size / bs as u64;
+        let since = self.parent.map_or(Lsn::INVALID, |p| p.record.start_lsn);
+        let key = keys::backup_file(self.label, &entry.rel);
+        let mut delta: Option<DeltaObject> = None;
+        let mut failures = Vec::new();
+        let mut tail: Vec<u8> = Vec::new();
+        let scanned = self.scan(
+            &mut file,
+            entry,
+            buf,
+            true,
+            &mut failures,
+            |chunk, offset| {
+                let first = offset / bs as u64;
+                let mut pages = chunk.chunks_exact(bs);
+                for (i, page) in (&mut pages).enumerate() {
+                    let block = first + i as u64;
+                    if block >= parent_blocks || page_changed(page, since) {
+                        self.delta_page(&mut delta, &key, block, page)?;
+                    }
+                }
+                let rest = pages.remainder();
+                if !rest.is_empty() {
+                    // Only a file being extended right now ends in part of a page; WAL replay
+                    // rewrites that page, so padding it with zeros is safe.
+                    tail.resize(bs, 0);
+                    tail[..rest.len()].copy_from_slice(rest);
+                    let block = first + (chunk.len() / bs) as u64;
+                    self.delta_page(&mut delta, &key, block, &tail)?;
+                }
+                Ok(())
+            },
+        );
+        let (size, sha256) = scanned?;
+        let n_blocks = size.div_ceil(bs as u64);
+        let delta = match delta {
+            Some(d) => d,
+            None if size == parent_size => return Ok(Some((reference(entry, p), failures))),
+            None => new_delta(self.storage, &key, bs)?,
+        };
+        let n_blocks_u32 = u32::try_from(n_blocks).map_err(|_| {
+            anyhow!(
+                "{} has {n_blocks} blocks, too many for one relation segment file",
+                entry.rel
+            )
+        })?;
+        let writer = delta
+            .finish(n_blocks_u32)
+            .with_context(|| format!("writing {key}"))?;
+        let mut rec = self.commit(entry, &key, writer, sha256)?;
+        rec.n_blocks = Some(n_blocks);
+        rec.page_delta = true;
+        Ok(Some((rec, failures)))
+    }
+
+    /// Complete a stored object and describe it: `size` and `crc32c` are those of the raw
+    /// stream written (the file, or its page delta), `sha256` the file's.
+    fn commit(
+        &self,
+        entry: &Entry,
+        key: &str,
+        writer: CompressWriter<Box<dyn PendingObject>>,
+        sha256: [u8; 32],
+    ) -> Result<FileRecord> {
         let (digest, stored_size, object) =
             writer.finish().with_context(|| format!("writing {key}"))?;
         object.commit_unsynced()?;
         let mut rec = record_of(entry, Some(self.label));
         rec.size = digest.size;
         rec.crc32c = Some(digest.crc32c);
-        rec.sha256 = digest.sha256;
+        rec.sha256 = Some(sha256);
         rec.stored_size = stored_size;
-        rec.n_blocks = relation.map(|_| digest.size / self.block_size as u64);
-        Ok(Some((rec, failures)))
+        Ok(rec)
+    }
+
+    /// Add one page to the delta, creating its object on the first page.
+    fn delta_page(
+        &self,
+        delta: &mut Option<DeltaObject>,
+        key: &str,
+        block: u64,
+        page: &[u8],
+    ) -> Result<()> {
+        let d = match delta {
+            Some(d) => d,
+            None => delta.insert(new_delta(self.storage, key, self.block_size)?),
+        };
+        let block = u32::try_from(block)
+            .map_err(|_| anyhow!("block {block} of {key} is beyond any relation segment"))?;
+        d.page(block, page)
+            .with_context(|| format!("writing {key}"))
+    }
+
+    /// Read `file` to its end in `buf`-sized chunks (see [`Copier::read_chunk`]), handing each
+    /// chunk and its offset to `f`. Returns the bytes read and their SHA-256.
+    ///
+    /// SHA-256 costs more than all else done per byte here, so for a file longer than `buf` it
+    /// runs on a helper thread, a chunk behind the reader: a big relation file then takes about
+    /// the time of its hash alone, while the other workers go on with the rest of the cluster.
+    fn scan(
+        &self,
+        file: &mut File,
+        entry: &Entry,
+        buf: &mut [u8],
+        count: bool,
+        failures: &mut Vec<PageFailure>,
+        mut f: impl FnMut(&[u8], u64) -> Result<()>,
+    ) -> Result<(u64, [u8; 32])> {
+        let pages = self.page_check(entry);
+        let mut read = |b: &mut [u8], offset: u64| {
+            self.read_chunk(file, entry, pages, b, offset, count, failures)
+        };
+        let mut sha = Sha256::new();
+        let n = read(buf, 0)?;
+        f(&buf[..n], 0)?;
+        sha.update(&buf[..n]);
+        let len = buf.len();
+        if n < len {
+            return Ok((n as u64, sha.finalize().into()));
+        }
+        let mut offset = n as u64;
+        let hasher_gone = || anyhow!("hashing {}: the SHA-256 thread stopped", entry.rel);
+        std::thread::scope(|s| {
+            // Chunks travel to the hasher and back by value. Three buffers keep both threads
+            // busy: one being read and scanned, one being hashed, one in a channel.
+            let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(1);
+            let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+            let hasher = s.spawn(move || {
+                for (b, n) in full_rx {
+                    sha.update(&b[..n]);
+                    // Lost only if the reader failed; nothing to do about it then.
+                    let _ = free_tx.send(b);
+                }
+                <[u8; 32]>::from(sha.finalize())
+            });
+            let mut spare: Vec<Vec<u8>> = (0..2).map(|_| vec![0u8; len]).collect();
+            let pumped = loop {
+                let Some(mut b) = spare.pop().or_else(|| free_rx.recv().ok()) else {
+                    break Err(hasher_gone());
+                };
+                let n = match read(&mut b, offset) {
+                    Ok(n) => n,
+                    Err(e) => break Err(e),
+                };
+                if n == 0 {
+                    break Ok(());
+                }
+                if let Err(e) = f(&b[..n], offset) {
+                    break Err(e);
+                }
+                offset += n as u64;
+                if full_tx.send((b, n)).is_err() {
+                    break Err(hasher_gone());
+                }
+                if n < len {
+                    break Ok(());
+                }
+            };
+            drop(full_tx);
+            let digest = hasher.join().map_err(|_| hasher_gone());
+            pumped.and(digest).map(|d| (offset, d))
+        })
+    }
+
+    /// How to verify the pages of a file: None unless it is a relation file of a cluster with
+    /// data checksums, else the relation block number of its first page.
+    fn page_check(&self, entry: &Entry) -> Option<u32> {
+        let relation = parse_relation_path(&entry.rel).map(|(_, f)| f)?;
+        self.verify_checksums
+            .then(|| relation.segno * self.blocks_per_segment)
+    }
+
+    /// Fill `buf` from `file` (a short count means end of file), verify its pages when
+    /// `first_block` says so, and advance the progress if `count`.
+    #[allow(clippy::too_many_arguments)]
+    fn read_chunk(
+        &self,
+        file: &mut File,
+        entry: &Entry,
+        first_block: Option<u32>,
+        buf: &mut [u8],
+        offset: u64,
+        count: bool,
+        failures: &mut Vec<PageFailure>,
+    ) -> Result<usize> {
+        let n = read_full(file, buf).with_context(|| format!("reading {}", entry.abs.display()))?;
+        if let Some(first_block) = first_block {
+            self.check_pages(
+                file,
+                &entry.rel,
+                &mut buf[..n],
+                offset,
+                first_block,
+                failures,
+            );
+        }
+        if count {
+            self.progress.advance(n as u64);
+        }
+        Ok(n)
     }
 
     /// Verify the checksum of every whole page in `chunk`. A failing page is read again once: a
@@ -526,6 +975,44 @@ impl Copier<'_> {
     }
 }
 
+/// Whether a page may differ from the parent chain's copy: its LSN is at or after the parent's
+/// start (which takes in every LSN beyond the current WAL position too), it is invalid (0), or
+/// the page is new, zero or has an insane header. Only pages untouched since before the parent
+/// started keep an older LSN, and the parent read them as they are now.
+fn page_changed(page: &[u8], since: Lsn) -> bool {
+    match PageHeader::parse(page) {
+        Ok(h) => h.lsn >= since || h.lsn == Lsn::INVALID || h.is_new() || !h.is_sane(page.len()),
+        Err(_) => true,
+    }
+}
+
+fn new_delta(storage: &dyn Storage, key: &str, block_size: usize) -> Result<DeltaObject> {
+    let object = storage.create(key)?;
+    DeltaWriter::new(CompressWriter::new(object, false), block_size)
+        .with_context(|| format!("writing {key}"))
+}
+
+/// Open a file to copy; None when it vanished.
+fn open(entry: &Entry) -> Result<Option<File>> {
+    match File::open(&entry.abs) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("opening {}", entry.abs.display())),
+    }
+}
+
+/// A record for a file whose content is the parent's: same object, this backup stores nothing.
+fn reference(e: &Entry, p: &FileRecord) -> FileRecord {
+    FileRecord {
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        mtime: e.mtime,
+        stored_size: 0,
+        ..p.clone()
+    }
+}
+
 fn record_of(e: &Entry, stored_in: Option<&str>) -> FileRecord {
     FileRecord {
         path: e.rel.clone(),
@@ -557,4 +1044,63 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An initialized, empty 8 kB page with LSN `lsn`.
+    fn page(lsn: u64) -> Vec<u8> {
+        let mut page = vec![0u8; 8192];
+        page[0..4].copy_from_slice(&((lsn >> 32) as u32).to_ne_bytes());
+        page[4..8].copy_from_slice(&(lsn as u32).to_ne_bytes());
+        page[12..14].copy_from_slice(&24u16.to_ne_bytes());
+        page[14..16].copy_from_slice(&8192u16.to_ne_bytes());
+        page[16..18].copy_from_slice(&8192u16.to_ne_bytes());
+        page[18..20].copy_from_slice(&(8192u16 | 4).to_ne_bytes());
+        page
+    }
+
+    #[test]
+    fn pages_older_than_the_parent_are_the_only_ones_left_out() {
+        let since = Lsn(0x1_0000_0000);
+        assert!(!page_changed(&page(0x0_FFFF_FFFF), since));
+        assert!(!page_changed(&page(1), since));
+        assert!(page_changed(&page(since.0), since));
+        assert!(page_changed(&page(u64::MAX), since));
+        // Invalid LSN, new (zero) page, insane header, too short to hold a header.
+        assert!(page_changed(&page(0), since));
+        assert!(page_changed(&[0u8; 8192], since));
+        let mut insane = page(1);
+        insane[10] = 0x80;
+        assert!(page_changed(&insane, since));
+        assert!(page_changed(&[1u8; 10], since));
+    }
+
+    #[test]
+    fn page_delta_records_describe_the_file_by_blocks() {
+        let mut rec = record_of(
+            &Entry {
+                rel: "base/5/16384".into(),
+                abs: "/nonexistent".into(),
+                kind: FileKind::File,
+                size: 3 * 8192,
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                link_target: None,
+            },
+            Some("L"),
+        );
+        rec.crc32c = Some(9);
+        assert_eq!(file_size(&rec, 8192), 3 * 8192);
+        assert_eq!(stored_expectation(&rec), Some((3 * 8192, 9)));
+        rec.page_delta = true;
+        rec.n_blocks = Some(5);
+        rec.size = crate::delta::raw_len(8192, 1);
+        assert_eq!(file_size(&rec, 8192), 5 * 8192);
+        assert_eq!(stored_expectation(&rec), Some((rec.size, 9)));
+    }
 }

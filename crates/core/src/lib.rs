@@ -9,6 +9,7 @@ pub mod archive;
 pub mod backup;
 pub mod check;
 pub mod config;
+pub mod delta;
 pub mod init;
 pub mod lock;
 pub mod parallel;

@@ -4,12 +4,17 @@
 //! Nothing is written before every check passes (backup usable, its WAL archived, target
 //! directory empty and no postmaster running). `global/pg_control` is written last and everything
 //! is synced at the end, so an interrupted restore leaves a directory PostgreSQL refuses to start.
+//!
+//! A diff or incr backup is restored with its chain of parents: each file is written once, from
+//! the newest backup of the chain that holds it whole, then the pages of every later backup's
+//! page delta in order, and cut to the length the restored backup recorded. Only the files the
+//! restored backup lists are written.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -17,11 +22,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
 use pgkeep_catalog::{BackupRecord, BackupStatus, Catalog, FileKind, FileRecord};
 use pgkeep_pg::{Lsn, TimelineId};
-use pgkeep_repo::{fetch_decompressed, get_bytes, keys, StorageError};
+use pgkeep_repo::{
+    fetch_decompressed, get_bytes, keys, DecompressReader, FrameError, StorageError,
+};
 use sha2::{Digest as _, Sha256};
 
-use crate::backup::{needed_segments, BACKUP_LABEL, TABLESPACE_MAP};
+use crate::backup::{file_size, needed_segments, BACKUP_LABEL, TABLESPACE_MAP};
 use crate::config::Config;
+use crate::delta::{DeltaError, DeltaReader};
 use crate::parallel;
 use crate::progress::Progress;
 use crate::repo::Repo;
@@ -116,10 +124,11 @@ pub fn restore(
         bail!("restore of PostgreSQL {} is not supported: pgkeep writes recovery.signal (PostgreSQL 12+)", repo.identity.pg_major);
     }
     let backup = choose_backup(&repo.catalog, opts)?;
+    let chain = Chain::load(&repo.catalog, &backup)?;
     check_wal(&repo, &backup)?;
     check_target_dir(&opts.pgdata, opts.delta)?;
 
-    let files = repo.catalog.files(&backup.label)?;
+    let files = &chain.newest;
     let storage = repo.storage();
     let label_file = get_bytes(storage, &keys::backup_meta(&backup.label, BACKUP_LABEL))
         .with_context(|| format!("reading backup_label of backup {}", backup.label))?;
@@ -148,7 +157,7 @@ pub fn restore(
     }
     // Directories (parents sort before children) and tablespace links first.
     let mut tablespace_lines = Vec::new();
-    for f in &files {
+    for f in files {
         let dest = pgdata.join(&f.path);
         match f.kind {
             FileKind::Dir => create_dir(&dest, f.mode, Some((f.uid, f.gid)))?,
@@ -173,8 +182,9 @@ pub fn restore(
         .iter()
         .filter(|f| f.kind == FileKind::File)
         .partition(|f| f.path == "global/pg_control");
-    todo.sort_by_key(|e| std::cmp::Reverse(e.size));
-    let total: u64 = todo.iter().map(|f| f.size).sum();
+    let block_size = backup.block_size;
+    todo.sort_by_key(|f| std::cmp::Reverse(file_size(f, block_size)));
+    let total: u64 = todo.iter().map(|f| file_size(f, block_size)).sum();
     progress.start("restoring", Some(total));
     let jobs = opts
         .jobs
@@ -182,7 +192,7 @@ pub fn restore(
         .max(1);
     let writer = FileWriter {
         repo: &repo,
-        label: &backup.label,
+        chain: &chain,
         pgdata,
         delta: opts.delta,
         progress,
@@ -371,7 +381,7 @@ enum Written {
 
 struct FileWriter<'a> {
     repo: &'a Repo,
-    label: &'a str,
+    chain: &'a Chain,
     pgdata: &'a Path,
     delta: bool,
     progress: &'a dyn Progress,
@@ -380,13 +390,15 @@ struct FileWriter<'a> {
 impl FileWriter<'_> {
     fn write(&self, f: &FileRecord, buf: &mut [u8]) -> Result<Written> {
         let dest = self.pgdata.join(&f.path);
-        if self.delta && same_content(&dest, f, buf)? {
+        let len = file_size(f, self.chain.block_size);
+        if self.delta && same_content(&dest, f, len, buf)? {
             set_attributes(&dest, f)?;
-            self.progress.advance(f.size);
+            self.progress.advance(len);
             return Ok(Written::Kept);
         }
-        let key = keys::backup_file(f.stored_in.as_deref().unwrap_or(self.label), &f.path);
-        let expect = f.crc32c.map(|crc| (f.size, crc));
+        let label = self.chain.label();
+        let context = || format!("restoring {} from backup {label}", f.path);
+        let source = self.chain.source(f).with_context(context)?;
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -394,26 +406,238 @@ impl FileWriter<'_> {
             .mode(0o600)
             .open(&dest)
             .with_context(|| format!("creating {}", dest.display()))?;
-        let mut out = ProgressWriter {
+        let mut out = CappedWriter {
             inner: &mut file,
+            left: len,
             progress: self.progress,
         };
-        fetch_decompressed(self.repo.storage(), &key, &mut out, expect, false)
-            .with_context(|| format!("restoring {} from backup {}", f.path, self.label))?;
+        let base = &source.base;
+        fetch_decompressed(
+            self.repo.storage(),
+            &base.key,
+            &mut out,
+            Some((base.size, base.crc)),
+            false,
+        )
+        .with_context(context)?;
+        let short = out.left;
+        if !source.deltas.is_empty() {
+            let bs = self.chain.block_size as usize;
+            let page = buf
+                .get_mut(..bs)
+                .ok_or_else(|| anyhow!("block size {bs} is larger than the copy buffer"))?;
+            for layer in &source.deltas {
+                apply_delta(self.repo, &file, layer, len, page).with_context(context)?;
+            }
+            file.set_len(len)
+                .with_context(|| format!("setting the length of {}", dest.display()))?;
+            self.progress.advance(short);
+        }
         drop(file);
         set_attributes(&dest, f)?;
-        Ok(Written::Bytes(f.size))
+        Ok(Written::Bytes(len))
     }
 }
 
-struct ProgressWriter<'a> {
+/// Lay the pages of one page delta over `file`, skipping pages at or past `len` (the file
+/// shrank later in the chain), and check the delta's length and CRC-32C.
+fn apply_delta(repo: &Repo, file: &File, layer: &Layer, len: u64, page: &mut [u8]) -> Result<()> {
+    let key = &layer.key;
+    let reader = DecompressReader::new(repo.storage().open(key)?, false);
+    let mut delta = DeltaReader::new(reader, page.len()).map_err(|e| delta_error(key, e))?;
+    let bs = page.len() as u64;
+    while let Some(block) = delta.next_page(page).map_err(|e| delta_error(key, e))? {
+        let at = u64::from(block) * bs;
+        if at < len {
+            file.write_all_at(page, at)
+                .with_context(|| format!("writing block {block} from {key}"))?;
+        }
+    }
+    let digest = delta.into_inner().digest();
+    if (digest.size, digest.crc32c) != (layer.size, layer.crc) {
+        return Err(StorageError::Corrupt {
+            key: key.clone(),
+            detail: format!(
+                "expected {} bytes with crc32c {:08x}, found {} bytes with crc32c {:08x}",
+                layer.size, layer.crc, digest.size, digest.crc32c
+            ),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// A damaged delta or lz4 frame is corruption of the object; anything else is the storage failing.
+fn delta_error(key: &str, e: DeltaError) -> anyhow::Error {
+    match e {
+        DeltaError::Io(io) if FrameError::from_io(&io).is_none() => StorageError::Io {
+            key: key.to_string(),
+            source: io,
+        }
+        .into(),
+        e => StorageError::Corrupt {
+            key: key.to_string(),
+            detail: e.to_string(),
+        }
+        .into(),
+    }
+}
+
+/// The restored backup and the backups it builds on, with their file lists.
+struct Chain {
+    /// The restored backup first, then its parent, and so on to a full backup.
+    backups: Vec<BackupRecord>,
+    /// Files of the restored backup, in path order.
+    newest: Vec<FileRecord>,
+    /// Regular files of the older backups, by label and path.
+    older: HashMap<String, HashMap<String, FileRecord>>,
+    block_size: u32,
+}
+
+/// One stored object of a file's content and what it must decompress to.
+#[derive(Debug)]
+struct Layer {
+    key: String,
+    size: u64,
+    crc: u32,
+}
+
+/// Where one file's content comes from.
+#[derive(Debug)]
+struct Source {
+    /// The whole copy the file starts from.
+    base: Layer,
+    /// Page deltas to lay over it, oldest first.
+    deltas: Vec<Layer>,
+}
+
+impl Chain {
+    /// Every backup of the chain must be restorable: a diff or incr is only a part of the data.
+    fn load(catalog: &Catalog, backup: &BackupRecord) -> Result<Chain> {
+        let mut backups = vec![backup.clone()];
+        let mut older = HashMap::new();
+        while let Some(up) = backups.last().and_then(|b| b.parent.clone()) {
+            let child = backups.last().map(|b| b.label.clone()).unwrap_or_default();
+            if backups.iter().any(|b| b.label == up) {
+                bail!("the parent chain of backup {} loops at {up}: the catalog is damaged; restore another backup with --backup", backup.label);
+            }
+            let parent = catalog.backup(&up)?.ok_or_else(|| {
+                anyhow!("backup {up}, which backup {child} builds on, is not in the catalog: restore another backup with --backup")
+            })?;
+            if !parent.status.is_restorable() {
+                bail!(
+                    "backup {up}, which backup {child} builds on, has status {} and cannot be restored: restore another backup with --backup",
+                    parent.status
+                );
+            }
+            let files: HashMap<String, FileRecord> = catalog
+                .files(&up)?
+                .into_iter()
+                .filter(|f| f.kind == FileKind::File)
+                .map(|f| (f.path.clone(), f))
+                .collect();
+            older.insert(up, files);
+            backups.push(parent);
+        }
+        Ok(Chain {
+            newest: catalog.files(&backup.label)?,
+            block_size: backup.block_size,
+            backups,
+            older,
+        })
+    }
+
+    fn label(&self) -> &str {
+        &self.backups[0].label
+    }
+
+    /// Follow `f` (a file of the restored backup) down the chain: a record stored elsewhere
+    /// leads to the older backup holding it, a page delta to the parent's record of the file,
+    /// until a whole copy. Every step goes to an older backup, so the walk ends.
+    fn source(&self, f: &FileRecord) -> Result<Source> {
+        let mut deltas = Vec::new();
+        let mut pos = 0;
+        let mut rec = f;
+        loop {
+            let label = &self.backups[pos].label;
+            let holder = rec.stored_in.as_deref().ok_or_else(|| {
+                anyhow!(
+                    "backup {label} records no content for {}: the catalog is damaged",
+                    rec.path
+                )
+            })?;
+            if holder != label {
+                pos = self
+                    .backups
+                    .iter()
+                    .position(|b| b.label == holder)
+                    .filter(|&p| p > pos)
+                    .ok_or_else(|| {
+                        anyhow!("backup {label} refers to backup {holder} for {}, which is not an older backup of its chain: the catalog is damaged", rec.path)
+                    })?;
+                rec = self.older_file(pos, &rec.path)?;
+                continue;
+            }
+            let layer = Layer {
+                key: keys::backup_file(label, &rec.path),
+                size: rec.size,
+                crc: rec.crc32c.ok_or_else(|| {
+                    anyhow!(
+                        "backup {label} records no CRC for {}: the catalog is damaged",
+                        rec.path
+                    )
+                })?,
+            };
+            if !rec.page_delta {
+                deltas.reverse();
+                return Ok(Source {
+                    base: layer,
+                    deltas,
+                });
+            }
+            deltas.push(layer);
+            pos += 1;
+            rec = self.older_file(pos, &rec.path)?;
+        }
+    }
+
+    fn older_file(&self, pos: usize, path: &str) -> Result<&FileRecord> {
+        let Some(b) = self.backups.get(pos) else {
+            bail!(
+                "{path} is a page delta in full backup {}: the catalog is damaged",
+                self.backups.last().map_or("", |b| b.label.as_str())
+            );
+        };
+        self.older
+            .get(&b.label)
+            .and_then(|files| files.get(path))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{path} is missing from backup {}, which later backups build on: the catalog is damaged",
+                    b.label
+                )
+            })
+    }
+}
+
+/// Writes at most `left` bytes to the file and drops the rest: a file that shrank later in the
+/// chain keeps only its head from an older whole copy.
+struct CappedWriter<'a> {
     inner: &'a mut File,
+    left: u64,
     progress: &'a dyn Progress,
 }
 
-impl Write for ProgressWriter<'_> {
+impl Write for CappedWriter<'_> {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(b)?;
+        let take = b
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        if take == 0 {
+            return Ok(b.len());
+        }
+        let n = self.inner.write(&b[..take])?;
+        self.left -= n as u64;
         self.progress.advance(n as u64);
         Ok(n)
     }
@@ -422,8 +646,8 @@ impl Write for ProgressWriter<'_> {
     }
 }
 
-/// True when `dest` already holds exactly the backed-up content (size, then SHA-256).
-fn same_content(dest: &Path, f: &FileRecord, buf: &mut [u8]) -> Result<bool> {
+/// True when `dest` already holds exactly the backed-up content (length `len`, then SHA-256).
+fn same_content(dest: &Path, f: &FileRecord, len: u64, buf: &mut [u8]) -> Result<bool> {
     let Some(want) = f.sha256 else {
         return Ok(false);
     };
@@ -431,7 +655,7 @@ fn same_content(dest: &Path, f: &FileRecord, buf: &mut [u8]) -> Result<bool> {
         Ok(file) => file,
         Err(_) => return Ok(false),
     };
-    if file.metadata().map(|m| m.len()).unwrap_or(u64::MAX) != f.size {
+    if file.metadata().map(|m| m.len()).unwrap_or(u64::MAX) != len {
         return Ok(false);
     }
     let mut hasher = Sha256::new();
@@ -596,4 +820,122 @@ fn sync_filesystem(path: &Path) -> Result<()> {
             .with_context(|| format!("syncing {}", path.display()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgkeep_catalog::{BackupStatus, BackupType};
+
+    fn backup(label: &str, parent: Option<&str>) -> BackupRecord {
+        BackupRecord {
+            label: label.into(),
+            backup_type: if parent.is_some() {
+                BackupType::Incr
+            } else {
+                BackupType::Full
+            },
+            status: BackupStatus::Done,
+            parent: parent.map(str::to_string),
+            timeline: 1,
+            start_lsn: Lsn(0),
+            stop_lsn: None,
+            start_wal: String::new(),
+            stop_wal: None,
+            start_time: DateTime::default(),
+            end_time: None,
+            recovery_time: None,
+            data_bytes: 0,
+            stored_bytes: 0,
+            files: 0,
+            pg_version_num: 150000,
+            system_identifier: 1,
+            block_size: 8192,
+            data_checksums: true,
+            pid: 1,
+            hostname: String::new(),
+            page_checksum_failures: 0,
+            error: None,
+        }
+    }
+
+    fn file(stored_in: &str, page_delta: bool, size: u64) -> FileRecord {
+        FileRecord {
+            path: "base/5/16384".into(),
+            kind: FileKind::File,
+            size,
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            link_target: None,
+            crc32c: Some(7),
+            sha256: None,
+            stored_size: 0,
+            stored_in: Some(stored_in.into()),
+            n_blocks: Some(3),
+            page_delta,
+        }
+    }
+
+    /// F holds the file whole, I1 a delta, I2 refers to I1's delta, I3 a delta again.
+    fn chain(older: &[(&str, FileRecord)]) -> Chain {
+        let labels = ["I3", "I2", "I1", "F"];
+        let backups = labels
+            .iter()
+            .zip(labels.iter().skip(1).map(Some).chain([None]))
+            .map(|(l, p)| backup(l, p.copied()))
+            .collect();
+        Chain {
+            backups,
+            newest: Vec::new(),
+            older: older
+                .iter()
+                .map(|(l, f)| (l.to_string(), HashMap::from([(f.path.clone(), f.clone())])))
+                .collect(),
+            block_size: 8192,
+        }
+    }
+
+    #[test]
+    fn a_file_is_its_newest_whole_copy_plus_the_later_deltas_in_order() {
+        let c = chain(&[
+            ("F", file("F", false, 100_000)),
+            ("I1", file("I1", true, 40)),
+            ("I2", file("I1", true, 40)),
+        ]);
+        let s = c.source(&file("I3", true, 50)).unwrap();
+        assert_eq!(s.base.key, keys::backup_file("F", "base/5/16384"));
+        assert_eq!(s.base.size, 100_000);
+        let deltas: Vec<_> = s.deltas.iter().map(|d| d.key.clone()).collect();
+        assert_eq!(
+            deltas,
+            [
+                keys::backup_file("I1", "base/5/16384"),
+                keys::backup_file("I3", "base/5/16384")
+            ]
+        );
+        // A reference straight to the whole copy needs no delta.
+        let s = c.source(&file("F", false, 100_000)).unwrap();
+        assert!(s.deltas.is_empty());
+    }
+
+    #[test]
+    fn a_damaged_chain_is_an_error_not_a_loop_or_panic() {
+        // A delta whose parent lacks the file.
+        let c = chain(&[("F", file("F", false, 1))]);
+        let e = c.source(&file("I3", true, 40)).unwrap_err().to_string();
+        assert!(e.contains("missing from backup I2"), "{e}");
+        // References must point to older backups of the chain.
+        for holder in ["I9", "F2"] {
+            let e = c.source(&file(holder, false, 1)).unwrap_err().to_string();
+            assert!(e.contains("not an older backup of its chain"), "{e}");
+        }
+        let c = chain(&[("I2", file("I3", false, 1)), ("F", file("F", true, 40))]);
+        let e = c.source(&file("I2", false, 1)).unwrap_err().to_string();
+        assert!(e.contains("not an older backup of its chain"), "{e}");
+        // A delta in the full backup at the end of the chain.
+        let e = c.source(&file("F", true, 40)).unwrap_err().to_string();
+        assert!(e.contains("page delta in full backup F"), "{e}");
+    }
 }
