@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 
-use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 /// Physical backups and WAL archiving for PostgreSQL.
 #[derive(Parser, Debug)]
 #[command(name = "pgkeep", version, about, long_about = None)]
-pub struct Args {
+pub struct Cli {
     /// Config file [default: $PGKEEP_CONFIG, else /etc/pgkeep/pgkeep.toml]
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -48,45 +48,7 @@ pub enum Command {
         jobs: Option<usize>,
     },
     /// Rebuild a data directory from a backup and set up point-in-time recovery.
-    #[command(group(ArgGroup::new("recovery_target").args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
-    Restore {
-        /// Data directory to restore into (absent or empty, unless --delta).
-        #[arg(long, value_name = "DIR")]
-        pgdata: PathBuf,
-        /// Backup to restore [default: the newest one that can reach the target].
-        #[arg(long, value_name = "LABEL")]
-        backup: Option<String>,
-        /// Recover up to this time: RFC 3339 or "YYYY-MM-DD HH:MM:SS[.ffffff][+HH:MM]"; without an offset, local time.
-        #[arg(long, value_name = "TS")]
-        target_time: Option<String>,
-        /// Recover up to this WAL position (X/X).
-        #[arg(long, value_name = "LSN")]
-        target_lsn: Option<String>,
-        /// Recover up to this transaction id.
-        #[arg(long, value_name = "XID")]
-        target_xid: Option<u64>,
-        /// Recover up to this restore point (pg_create_restore_point).
-        #[arg(long, value_name = "NAME")]
-        target_name: Option<String>,
-        /// `immediate`: stop as soon as the backup is consistent.
-        #[arg(long, value_enum)]
-        target: Option<TargetArg>,
-        /// What the server does at the target [PostgreSQL's default: pause].
-        #[arg(long, value_enum, default_value = "pause")]
-        target_action: ActionArg,
-        /// Timeline to follow: latest, current or a number.
-        #[arg(long, value_name = "TLI")]
-        target_timeline: Option<String>,
-        /// Reuse files of an existing directory whose size and SHA-256 match the backup; remove the rest.
-        #[arg(long)]
-        delta: bool,
-        /// Parallel writers [default: one per core].
-        #[arg(long, value_name = "N")]
-        jobs: Option<usize>,
-        /// Restore tablespace OID into DIR instead of its original location (repeatable).
-        #[arg(long = "tablespace-map", value_name = "OID=DIR")]
-        tablespace_map: Vec<String>,
-    },
+    Restore(RestoreArgs),
     /// List backups (oldest first), or show one.
     Show {
         /// Only this backup.
@@ -116,6 +78,48 @@ pub enum CatalogCommand {
     /// Rebuild the catalog from the repository alone (each backup's backup.ini and manifest,
     /// and the WAL archive), creating it if it is missing.
     Rebuild,
+}
+
+/// Raw restore flags; `options::restore_options` validates them.
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("recovery_target").args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
+pub struct RestoreArgs {
+    /// Data directory to restore into (absent or empty, unless --delta).
+    #[arg(long, value_name = "DIR")]
+    pub pgdata: PathBuf,
+    /// Backup to restore [default: the newest one that can reach the target].
+    #[arg(long, value_name = "LABEL")]
+    pub backup: Option<String>,
+    /// Recover up to this time: RFC 3339 or "YYYY-MM-DD HH:MM:SS[.ffffff][+HH:MM]"; without an offset, local time.
+    #[arg(long, value_name = "TS")]
+    pub target_time: Option<String>,
+    /// Recover up to this WAL position (X/X).
+    #[arg(long, value_name = "LSN")]
+    pub target_lsn: Option<String>,
+    /// Recover up to this transaction id.
+    #[arg(long, value_name = "XID")]
+    pub target_xid: Option<u64>,
+    /// Recover up to this restore point (pg_create_restore_point).
+    #[arg(long, value_name = "NAME")]
+    pub target_name: Option<String>,
+    /// `immediate`: stop as soon as the backup is consistent.
+    #[arg(long, value_enum)]
+    pub target: Option<TargetArg>,
+    /// What the server does at the target [PostgreSQL's default: pause].
+    #[arg(long, value_enum, default_value = "pause")]
+    pub target_action: ActionArg,
+    /// Timeline to follow: latest, current or a number.
+    #[arg(long, value_name = "TLI")]
+    pub target_timeline: Option<String>,
+    /// Reuse files of an existing directory whose size and SHA-256 match the backup; remove the rest.
+    #[arg(long)]
+    pub delta: bool,
+    /// Parallel writers [default: one per core].
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Restore tablespace OID into DIR instead of its original location (repeatable).
+    #[arg(long = "tablespace-map", value_name = "OID=DIR")]
+    pub tablespace_map: Vec<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use args::{Args, Command};
+use args::{Cli, Command};
 
 /// Exit codes, documented in README.md.
 mod exit {
@@ -23,7 +23,7 @@ mod exit {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args = match Cli::try_parse() {
         Ok(a) => a,
         Err(e) => {
             // --help and --version are not errors.
@@ -55,7 +55,7 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn run(args: Args) -> anyhow::Result<ExitCode> {
+fn run(args: Cli) -> anyhow::Result<ExitCode> {
     if pgkeep_core::user::is_root() && !args.allow_root && !args.command.may_run_as_root() {
         return Err(config::ConfigError(
             "refusing to run as root: run pgkeep as the OS user that owns the cluster (e.g. `sudo -u postgres pgkeep ...`), or pass --allow-root".into(),
@@ -117,34 +117,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let s = pgkeep_core::backup::backup(&cfg, &opts, &progress)?;
             output::print_backup_summary(&s);
         }
-        Command::Restore {
-            pgdata,
-            backup,
-            target_time,
-            target_lsn,
-            target_xid,
-            target_name,
-            target,
-            target_action,
-            target_timeline,
-            delta,
-            jobs,
-            tablespace_map,
-        } => {
-            let opts = options::restore_options(options::RawRestore {
-                pgdata,
-                backup,
-                target_time,
-                target_lsn,
-                target_xid,
-                target_name,
-                target,
-                target_action,
-                target_timeline,
-                delta,
-                jobs,
-                tablespace_map,
-            })?;
+        Command::Restore(raw) => {
+            let opts = options::restore_options(raw)?;
             let progress = progress::CliProgress::new();
             let s = pgkeep_core::restore::restore(&cfg, &opts, &progress)?;
             output::print_restore_summary(&s, &opts);

@@ -7,30 +7,14 @@ use chrono::{DateTime, Local, NaiveDateTime, TimeZone, Utc};
 use pgkeep_core::restore::{RecoveryTarget, RestoreOptions, TargetAction, TargetTimeline};
 use pgkeep_pg::{Lsn, TimelineId};
 
-use crate::args::{ActionArg, TargetArg};
+use crate::args::{ActionArg, RestoreArgs};
 use crate::config::ConfigError;
-
-/// Raw restore flags as clap delivers them.
-pub struct RawRestore {
-    pub pgdata: PathBuf,
-    pub backup: Option<String>,
-    pub target_time: Option<String>,
-    pub target_lsn: Option<String>,
-    pub target_xid: Option<u64>,
-    pub target_name: Option<String>,
-    pub target: Option<TargetArg>,
-    pub target_action: ActionArg,
-    pub target_timeline: Option<String>,
-    pub delta: bool,
-    pub jobs: Option<usize>,
-    pub tablespace_map: Vec<String>,
-}
 
 fn usage(msg: String) -> ConfigError {
     ConfigError(msg)
 }
 
-pub fn restore_options(raw: RawRestore) -> Result<RestoreOptions, ConfigError> {
+pub fn restore_options(raw: RestoreArgs) -> Result<RestoreOptions, ConfigError> {
     let target = if let Some(ts) = raw.target_time {
         RecoveryTarget::Time(parse_time(&ts)?)
     } else if let Some(lsn) = raw.target_lsn {
