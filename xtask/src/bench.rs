@@ -977,16 +977,7 @@ fn ensure_installed(program: &str, package: &str) -> Result<PathBuf> {
         return Ok(p);
     }
     println!("{program} not found: apt-get install -y {package}");
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", package])
-            .status()
-    };
-    if !install().is_ok_and(|s| s.success()) {
-        run_checked(Command::new("apt-get").arg("update"))?;
-        run_checked(Command::new("apt-get").args(["install", "-y", package]))
-            .with_context(|| format!("installing {package} (the bench needs {program})"))?;
-    }
+    crate::sh::apt_install(package).with_context(|| format!("the bench needs {program}"))?;
     which(program)
         .with_context(|| format!("{program} still not on PATH after installing {package}"))
 }

@@ -27,22 +27,51 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// `$PGKEEP_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`.
+/// `$PGKEEP_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`; on a fresh machine (as root)
+/// Debian's `postgresql` package is installed first, which also creates the `postgres` user.
 pub fn pg_bin() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("PGKEEP_PG_BIN") {
         return Ok(PathBuf::from(dir));
     }
+    if let Some(bin) = newest_pg_bin() {
+        return Ok(bin);
+    }
+    if !is_root() {
+        bail!("no initdb under /usr/lib/postgresql/*/bin: apt-get install postgresql, or set PGKEEP_PG_BIN");
+    }
+    println!("PostgreSQL not found: apt-get install -y postgresql");
+    apt_install("postgresql")?;
+    newest_pg_bin().context("no initdb under /usr/lib/postgresql/*/bin after installing postgresql")
+}
+
+fn newest_pg_bin() -> Option<PathBuf> {
     let mut majors: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .context("no PostgreSQL under /usr/lib/postgresql: apt-get install postgresql, or set PGKEEP_PG_BIN")?
+        .ok()?
         .filter_map(|e| e.ok())
         .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
         .filter(|(_, b): &(u32, PathBuf)| b.join("initdb").exists())
         .collect();
     majors.sort();
-    majors
-        .pop()
-        .map(|(_, b)| b)
-        .context("no initdb under /usr/lib/postgresql/*/bin: apt-get install postgresql")
+    majors.pop().map(|(_, b)| b)
+}
+
+/// `apt-get install -y PACKAGE`, running `apt-get update` first only if the plain install fails
+/// (as on a machine whose package lists are stale or absent).
+pub fn apt_install(package: &str) -> Result<()> {
+    let plain = Command::new("apt-get")
+        .args(["install", "-y", "-q", package])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+    if !plain.is_ok_and(|s| s.success()) {
+        run_checked(Command::new("apt-get").arg("update"))?;
+        run_checked(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", package])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .with_context(|| format!("installing {package}"))?;
+    }
+    Ok(())
 }
 
 fn is_root() -> bool {
