@@ -6,7 +6,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 /// Physical backups and WAL archiving for PostgreSQL.
 #[derive(Parser, Debug)]
-#[command(name = "pgkeep", version, about, long_about = None)]
+#[command(name = "pgkeep", version, long_about = None)]
 pub struct Cli {
     /// Config file [default: $PGKEEP_CONFIG, else /etc/pgkeep/pgkeep.toml]
     #[arg(long, global = true, value_name = "FILE")]
