@@ -825,7 +825,7 @@ fn sync_filesystem(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pgkeep_catalog::{BackupStatus, BackupType};
+    use pgkeep_catalog::BackupType;
 
     fn backup(label: &str, parent: Option<&str>) -> BackupRecord {
         BackupRecord {
@@ -835,27 +835,9 @@ mod tests {
             } else {
                 BackupType::Full
             },
-            status: BackupStatus::Done,
             parent: parent.map(str::to_string),
-            timeline: 1,
-            start_lsn: Lsn(0),
             stop_lsn: None,
-            start_wal: String::new(),
-            stop_wal: None,
-            start_time: DateTime::default(),
-            end_time: None,
-            recovery_time: None,
-            data_bytes: 0,
-            stored_bytes: 0,
-            files: 0,
-            pg_version_num: 150000,
-            system_identifier: 1,
-            block_size: 8192,
-            data_checksums: true,
-            pid: 1,
-            hostname: String::new(),
-            page_checksum_failures: 0,
-            error: None,
+            ..crate::walchain::tests::backup(1, 0, 0)
         }
     }
 
