@@ -345,16 +345,7 @@ fn delta_restore_of_an_incremental_keeps_unchanged_files_and_recovers_its_data()
     cluster.backup("full");
     cluster.pg_tool_ok("pgbench", &["-c", "1", "-t", "300", "-n"]);
     let incr = label(&cluster.backup("incr"));
-    let tables = [
-        ("pgbench_accounts", "aid"),
-        ("pgbench_branches", "bid"),
-        ("pgbench_tellers", "tid"),
-        ("pgbench_history", "t::text"),
-    ];
-    let want: Vec<String> = tables
-        .iter()
-        .map(|(t, k)| cluster.fingerprint(t, k))
-        .collect();
+    let want = cluster.pgbench_fingerprints();
     // The live cluster moves on; the restore must bring back the incremental's state.
     cluster.pg_tool_ok("pgbench", &["-c", "1", "-t", "300", "-n"]);
     cluster.execute("CREATE TABLE extra AS SELECT generate_series(1, 10000) AS id; CHECKPOINT");
@@ -370,10 +361,7 @@ fn delta_restore_of_an_incremental_keeps_unchanged_files_and_recovers_its_data()
     assert!(kept > 100, "{run:?}");
     cluster.start();
     cluster.wait_promoted();
-    let got: Vec<String> = tables
-        .iter()
-        .map(|(t, k)| cluster.fingerprint(t, k))
-        .collect();
+    let got = cluster.pgbench_fingerprints();
     assert_eq!(got, want);
     assert_eq!(
         cluster.query_text("SELECT (to_regclass('extra') IS NULL)::text"),

@@ -55,16 +55,7 @@ fn restore_to_a_time_after_a_backup_under_load_matches_fingerprints() {
         assert!(load.join().unwrap().success());
     });
     // Writes paused around T: the fingerprints taken now hold at T.
-    let tables = [
-        ("pgbench_accounts", "aid"),
-        ("pgbench_branches", "bid"),
-        ("pgbench_tellers", "tid"),
-        ("pgbench_history", "t::text"),
-    ];
-    let before: Vec<String> = tables
-        .iter()
-        .map(|(t, k)| cluster.fingerprint(t, k))
-        .collect();
+    let before = cluster.pgbench_fingerprints();
     std::thread::sleep(Duration::from_millis(300));
     let t = server_now(&cluster);
     std::thread::sleep(Duration::from_millis(300));
@@ -75,10 +66,7 @@ fn restore_to_a_time_after_a_backup_under_load_matches_fingerprints() {
     assert!(run.success(), "{run:?}");
     cluster.start();
     cluster.wait_promoted();
-    let after: Vec<String> = tables
-        .iter()
-        .map(|(t, k)| cluster.fingerprint(t, k))
-        .collect();
+    let after = cluster.pgbench_fingerprints();
     assert_eq!(before, after);
     check_restored_cluster(&mut cluster);
 }

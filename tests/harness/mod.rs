@@ -497,6 +497,19 @@ impl Cluster {
         ))
     }
 
+    /// Fingerprints of the four pgbench tables, in a fixed order.
+    pub fn pgbench_fingerprints(&self) -> Vec<String> {
+        [
+            ("pgbench_accounts", "aid"),
+            ("pgbench_branches", "bid"),
+            ("pgbench_tellers", "tid"),
+            ("pgbench_history", "t::text"),
+        ]
+        .iter()
+        .map(|(t, k)| self.fingerprint(t, k))
+        .collect()
+    }
+
     /// The backups `show --json` lists.
     pub fn backups(&self) -> Vec<serde_json::Value> {
         let run = self.pgkeep_ok(&["show", "--json"]);
