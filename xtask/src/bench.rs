@@ -520,6 +520,9 @@ impl Bench {
             "pgBackRest stanza-create (push stanza)",
             &mut self.pgbr_cmd(&bconf, PUSH_STANZA, &["stanza-create"]),
         )?;
+        // The restore before this step leaves a gigabyte of dirty pages being written back; a
+        // push's fsync would queue behind them, timing the disk's backlog rather than the tool.
+        run_checked(&mut Command::new("sync"))?;
         let mut segments: Vec<PathBuf> = fs::read_dir(&self.samples)?
             .map(|e| e.map(|e| e.path()))
             .collect::<std::io::Result<_>>()?;

@@ -47,9 +47,19 @@ pub struct CompressWriter<W: Write> {
 
 impl<W: Write> CompressWriter<W> {
     pub fn new(inner: W, sha256: bool) -> Self {
+        Self::with_sums(inner, Summer::new(sha256))
+    }
+
+    /// A writer that only counts the raw bytes: for callers that checksum them on another
+    /// thread. Its digest holds the size and a CRC-32C of 0.
+    pub fn counting_only(inner: W) -> Self {
+        Self::with_sums(inner, Summer::size_only())
+    }
+
+    fn with_sums(inner: W, sums: Summer) -> Self {
         CompressWriter {
             inner,
-            sums: Summer::new(sha256),
+            sums,
             pending: Vec::new(),
             out: Vec::new(),
             header_written: false,
@@ -405,11 +415,12 @@ const ACCEPTED_DESCRIPTORS: [([u8; 3], usize); 4] = [
 const END_MARK: [u8; 4] = [0; 4];
 const UNCOMPRESSED_BIT: u32 = 1 << 31;
 
-/// Size, CRC-32C and optional SHA-256 of a byte stream, updated slice by slice.
+/// Size, CRC-32C (unless only counting) and optional SHA-256 of a byte stream, updated slice
+/// by slice.
 #[derive(Clone)]
 struct Summer {
     size: u64,
-    crc: u32,
+    crc: Option<u32>,
     sha: Option<Sha256>,
 }
 
@@ -417,14 +428,24 @@ impl Summer {
     fn new(sha256: bool) -> Self {
         Summer {
             size: 0,
-            crc: 0,
+            crc: Some(0),
             sha: sha256.then(Sha256::new),
+        }
+    }
+
+    fn size_only() -> Self {
+        Summer {
+            size: 0,
+            crc: None,
+            sha: None,
         }
     }
 
     fn update(&mut self, bytes: &[u8]) {
         self.size += bytes.len() as u64;
-        self.crc = crc32c::crc32c_append(self.crc, bytes);
+        if let Some(crc) = &mut self.crc {
+            *crc = crc32c::crc32c_append(*crc, bytes);
+        }
         if let Some(sha) = &mut self.sha {
             sha.update(bytes);
         }
@@ -433,7 +454,7 @@ impl Summer {
     fn digest(&self) -> Digest {
         Digest {
             size: self.size,
-            crc32c: self.crc,
+            crc32c: self.crc.unwrap_or(0),
             sha256: self.sha.as_ref().map(|sha| sha.clone().finalize().into()),
         }
     }

@@ -1,8 +1,8 @@
 //! Whole-object moves between byte streams and a `Storage`: compressed stores and verified fetches.
 //!
-//! `store_compressed` is the hot path of backup and archive-push. SHA-256 costs about as much CPU
-//! as lz4 and CRC-32C together, so for sources longer than one block it runs on a helper thread,
-//! one block behind the thread that reads, checksums and compresses: a 16 MiB WAL segment is then
+//! `store_compressed` is the hot path of archive-push. SHA-256 and CRC-32C together cost about
+//! as much CPU as reading and lz4, so for sources longer than one block they run on a helper
+//! thread, one block behind the thread that reads and compresses: a 16 MiB WAL segment is then
 //! archived in roughly the time of the slower half instead of the sum of both.
 
 use std::cell::RefCell;
@@ -25,18 +25,19 @@ pub fn store_compressed(
     mode: Commit,
 ) -> Result<StoredObject> {
     let pending = storage.create(key)?;
-    // SHA-256 is computed beside the writer (see the module doc), not inside it.
-    let mut writer = CompressWriter::new(pending, false);
-    let sha256 = with_buffers(|buffers| pump(key, src, &mut writer, buffers))?;
-    let (digest, stored_size, pending) = writer.finish().map_err(|e| StorageError::io(key, e))?;
+    // The checksums are computed beside the writer (see the module doc), not inside it.
+    let mut writer = CompressWriter::counting_only(pending);
+    let (sha256, crc32c) = with_buffers(|buffers| pump(key, src, &mut writer, buffers))?;
+    let (counted, stored_size, pending) = writer.finish().map_err(|e| StorageError::io(key, e))?;
     match mode {
         Commit::Replace => pending.commit()?,
         Commit::New => pending.commit_new()?,
     }
     Ok(StoredObject {
         digest: Digest {
+            size: counted.size,
+            crc32c,
             sha256: Some(sha256),
-            ..digest
         },
         stored_size,
     })
@@ -110,21 +111,24 @@ pub fn get_bytes(storage: &dyn Storage, key: &str) -> Result<Vec<u8>> {
 
 type Writer = CompressWriter<Box<dyn PendingObject>>;
 
-/// Moves `src` into `writer` block by block and returns the SHA-256 of what passed.
+/// Moves `src` into `writer` block by block and returns the SHA-256 and CRC-32C of what passed.
 fn pump(
     key: &str,
     src: &mut dyn Read,
     writer: &mut Writer,
     buffers: &mut Vec<Vec<u8>>,
-) -> Result<[u8; 32]> {
+) -> Result<([u8; 32], u32)> {
     let mut first = take_buffer(buffers);
     let n = fill(key, src, &mut first)?;
     write(key, writer, &first[..n])?;
     if n < first.len() {
-        // Most files of a cluster fit one block: not worth a thread.
-        let sha = Sha256::digest(&first[..n]).into();
+        // History and backup-history files fit one block: not worth a thread.
+        let sums = (
+            Sha256::digest(&first[..n]).into(),
+            crc32c::crc32c(&first[..n]),
+        );
         buffers.push(first);
-        return Ok(sha);
+        return Ok(sums);
     }
     std::thread::scope(|scope| {
         // Blocks travel to the hasher and back by value: no copies and no sharing. Three
@@ -133,14 +137,15 @@ fn pump(
         let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(1);
         let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
         let hasher = scope.spawn(move || {
-            let mut sha = Sha256::new();
+            let (mut sha, mut crc) = (Sha256::new(), 0);
             for (buf, n) in full_rx {
                 sha.update(&buf[..n]);
+                crc = crc32c::crc32c_append(crc, &buf[..n]);
                 // The receiver outlives this thread unless the reader failed; either way a
                 // lost buffer is only reallocated next time.
                 let _ = free_tx.send(buf);
             }
-            <[u8; 32]>::from(sha.finalize())
+            (<[u8; 32]>::from(sha.finalize()), crc)
         });
         let mut spare: Vec<Vec<u8>> = (0..2).map(|_| take_buffer(buffers)).collect();
         let mut block = (first, n);
