@@ -27,6 +27,7 @@ use pgkeep_repo::{keys, put_bytes, CompressWriter, PendingObject, Storage};
 use sha2::{Digest as _, Sha256};
 
 use crate::archive::wait_for_wal;
+use crate::chain::{Chain, ChainPages};
 use crate::check::archive_command_ok;
 use crate::config::Config;
 use crate::delta::DeltaWriter;
@@ -482,6 +483,8 @@ struct Parent {
     files: HashMap<String, FileRecord>,
     /// Directories, to tell a database directory that is new since the parent.
     dirs: HashSet<String>,
+    /// The parent and the backups it builds on: where its copy of each page is.
+    chain: Chain,
 }
 
 impl Parent {
@@ -510,15 +513,17 @@ impl Parent {
                 record.start_lsn
             );
         }
+        // Loading the chain also proves every backup below the parent is still restorable.
+        let chain = Chain::load(&repo.catalog, record)?;
         let mut files = HashMap::new();
         let mut dirs = HashSet::new();
-        for f in repo.catalog.files(&record.label)? {
+        for f in &chain.newest {
             match f.kind {
                 FileKind::File => {
-                    files.insert(f.path.clone(), f);
+                    files.insert(f.path.clone(), f.clone());
                 }
                 FileKind::Dir => {
-                    dirs.insert(f.path);
+                    dirs.insert(f.path.clone());
                 }
                 FileKind::Symlink => {}
             }
@@ -527,7 +532,54 @@ impl Parent {
             record: record.clone(),
             files,
             dirs,
+            chain,
         })
+    }
+}
+
+/// The parent chain's copy of one file's pages, for storing changed pages as their difference
+/// from it. Opened on the first changed page: files with no change read nothing of the parent.
+struct OlderPages<'a> {
+    storage: &'a dyn Storage,
+    parent: Option<&'a Parent>,
+    pages: Option<ChainPages>,
+    buf: Vec<u8>,
+}
+
+impl<'a> OlderPages<'a> {
+    fn new(storage: &'a dyn Storage, parent: Option<&'a Parent>, block_size: usize) -> Self {
+        OlderPages {
+            storage,
+            parent,
+            pages: None,
+            buf: vec![0; block_size],
+        }
+    }
+
+    /// Block `block` of `p` (the parent's record of the file) as the parent chain holds it;
+    /// blocks must be asked for in increasing order.
+    fn page(&mut self, p: &FileRecord, block: u64) -> Result<&[u8]> {
+        let parent = self
+            .parent
+            .ok_or_else(|| anyhow!("{} has no parent backup to compare with", p.path))?;
+        let damaged = || {
+            format!(
+                "reading {} from parent backup {}: run `pgkeep validate`, or take a full backup with `pgkeep backup --type full`",
+                p.path, parent.record.label
+            )
+        };
+        let pages = match &mut self.pages {
+            Some(pages) => pages,
+            None => {
+                let source = parent.chain.source(p).with_context(damaged)?;
+                let opened = ChainPages::open(self.storage, &source, self.buf.len());
+                self.pages.insert(opened.with_context(damaged)?)
+            }
+        };
+        let block = u32::try_from(block)
+            .map_err(|_| anyhow!("block {block} of {} is beyond any relation segment", p.path))?;
+        pages.page(block, &mut self.buf).with_context(damaged)?;
+        Ok(&self.buf)
     }
 }
 
@@ -738,6 +790,7 @@ impl Copier<'_> {
         let mut delta: Option<DeltaObject> = None;
         let mut failures = Vec::new();
         let mut tail: Vec<u8> = Vec::new();
+        let mut older = OlderPages::new(self.storage, self.parent, bs);
         let scanned = self.scan(
             &mut file,
             entry,
@@ -749,8 +802,11 @@ impl Copier<'_> {
                 let mut pages = chunk.chunks_exact(bs);
                 for (i, page) in (&mut pages).enumerate() {
                     let block = first + i as u64;
-                    if block >= parent_blocks || page_changed(page, since) {
-                        self.delta_page(&mut delta, &key, block, page)?;
+                    if block >= parent_blocks {
+                        self.delta_page(&mut delta, &key, block, page, None)?;
+                    } else if page_changed(page, since) {
+                        let base = older.page(p, block)?;
+                        self.delta_page(&mut delta, &key, block, page, Some(base))?;
                     }
                 }
                 let rest = pages.remainder();
@@ -760,7 +816,7 @@ impl Copier<'_> {
                     tail.resize(bs, 0);
                     tail[..rest.len()].copy_from_slice(rest);
                     let block = first + (chunk.len() / bs) as u64;
-                    self.delta_page(&mut delta, &key, block, &tail)?;
+                    self.delta_page(&mut delta, &key, block, &tail, None)?;
                 }
                 Ok(())
             },
@@ -807,13 +863,15 @@ impl Copier<'_> {
         Ok(rec)
     }
 
-    /// Add one page to the delta, creating its object on the first page.
+    /// Add one page to the delta, creating its object on the first page; `base` is the parent
+    /// chain's copy of the block, if it has one.
     fn delta_page(
         &self,
         delta: &mut Option<DeltaObject>,
         key: &str,
         block: u64,
         page: &[u8],
+        base: Option<&[u8]>,
     ) -> Result<()> {
         let d = match delta {
             Some(d) => d,
@@ -821,7 +879,7 @@ impl Copier<'_> {
         };
         let block = u32::try_from(block)
             .map_err(|_| anyhow!("block {block} of {key} is beyond any relation segment"))?;
-        d.page(block, page)
+        d.page(block, page, base)
             .with_context(|| format!("writing {key}"))
     }
 
@@ -1099,7 +1157,7 @@ mod tests {
         assert_eq!(stored_expectation(&rec), Some((3 * 8192, 9)));
         rec.page_delta = true;
         rec.n_blocks = Some(5);
-        rec.size = crate::delta::raw_len(8192, 1);
+        rec.size = 16 + 8 + 8192 + 12;
         assert_eq!(file_size(&rec, 8192), 5 * 8192);
         assert_eq!(stored_expectation(&rec), Some((rec.size, 9)));
     }

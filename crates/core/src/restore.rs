@@ -10,7 +10,7 @@
 //! page delta in order, and cut to the length the restored backup recorded. Only the files the
 //! restored backup lists are written.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -22,14 +22,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
 use pgkeep_catalog::{BackupRecord, BackupStatus, Catalog, FileKind, FileRecord};
 use pgkeep_pg::{Lsn, TimelineId};
-use pgkeep_repo::{
-    fetch_decompressed, get_bytes, keys, DecompressReader, FrameError, StorageError,
-};
+use pgkeep_repo::{fetch_decompressed, get_bytes, keys, DecompressReader, StorageError};
 use sha2::{Digest as _, Sha256};
 
 use crate::backup::{file_size, needed_segments, BACKUP_LABEL, TABLESPACE_MAP};
+use crate::chain::{delta_error, Chain, Layer};
 use crate::config::Config;
-use crate::delta::{DeltaError, DeltaReader};
+use crate::delta::DeltaReader;
 use crate::parallel;
 use crate::progress::Progress;
 use crate::repo::Repo;
@@ -399,7 +398,9 @@ impl FileWriter<'_> {
         let label = self.chain.label();
         let context = || format!("restoring {} from backup {label}", f.path);
         let source = self.chain.source(f).with_context(context)?;
+        // Readable too: a based page of a delta is decoded against the block already written.
         let mut file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
             .truncate(true)
@@ -423,11 +424,13 @@ impl FileWriter<'_> {
         let short = out.left;
         if !source.deltas.is_empty() {
             let bs = self.chain.block_size as usize;
-            let page = buf
+            let (page, rest) = buf.split_at_mut(bs.min(buf.len()));
+            let base = rest
                 .get_mut(..bs)
-                .ok_or_else(|| anyhow!("block size {bs} is larger than the copy buffer"))?;
+                .filter(|_| page.len() == bs)
+                .ok_or_else(|| anyhow!("block size {bs} is too large for the copy buffer"))?;
             for layer in &source.deltas {
-                apply_delta(self.repo, &file, layer, len, page).with_context(context)?;
+                apply_delta(self.repo, &file, layer, len, page, base).with_context(context)?;
             }
             file.set_len(len)
                 .with_context(|| format!("setting the length of {}", dest.display()))?;
@@ -440,18 +443,34 @@ impl FileWriter<'_> {
 }
 
 /// Lay the pages of one page delta over `file`, skipping pages at or past `len` (the file
-/// shrank later in the chain), and check the delta's length and CRC-32C.
-fn apply_delta(repo: &Repo, file: &File, layer: &Layer, len: u64, page: &mut [u8]) -> Result<()> {
+/// shrank later in the chain), and check the delta's length and CRC-32C. A based page is
+/// decoded against the block as the older layers left it in `file`. `page` and `base` are
+/// one block long.
+fn apply_delta(
+    repo: &Repo,
+    file: &File,
+    layer: &Layer,
+    len: u64,
+    page: &mut [u8],
+    base: &mut [u8],
+) -> Result<()> {
     let key = &layer.key;
     let reader = DecompressReader::new(repo.storage().open(key)?, false);
     let mut delta = DeltaReader::new(reader, page.len()).map_err(|e| delta_error(key, e))?;
     let bs = page.len() as u64;
-    while let Some(block) = delta.next_page(page).map_err(|e| delta_error(key, e))? {
+    while let Some(block) = delta.next_block().map_err(|e| delta_error(key, e))? {
         let at = u64::from(block) * bs;
-        if at < len {
-            file.write_all_at(page, at)
-                .with_context(|| format!("writing block {block} from {key}"))?;
+        if at >= len {
+            continue;
         }
+        if delta.is_based() {
+            file.read_exact_at(base, at).with_context(|| {
+                format!("reading block {block} back to apply {key}: the older copy is missing")
+            })?;
+        }
+        delta.page(base, page).map_err(|e| delta_error(key, e))?;
+        file.write_all_at(page, at)
+            .with_context(|| format!("writing block {block} from {key}"))?;
     }
     let digest = delta.into_inner().digest();
     if (digest.size, digest.crc32c) != (layer.size, layer.crc) {
@@ -465,159 +484,6 @@ fn apply_delta(repo: &Repo, file: &File, layer: &Layer, len: u64, page: &mut [u8
         .into());
     }
     Ok(())
-}
-
-/// A damaged delta or lz4 frame is corruption of the object; anything else is the storage failing.
-fn delta_error(key: &str, e: DeltaError) -> anyhow::Error {
-    match e {
-        DeltaError::Io(io) if FrameError::from_io(&io).is_none() => StorageError::Io {
-            key: key.to_string(),
-            source: io,
-        }
-        .into(),
-        e => StorageError::Corrupt {
-            key: key.to_string(),
-            detail: e.to_string(),
-        }
-        .into(),
-    }
-}
-
-/// The restored backup and the backups it builds on, with their file lists.
-struct Chain {
-    /// The restored backup first, then its parent, and so on to a full backup.
-    backups: Vec<BackupRecord>,
-    /// Files of the restored backup, in path order.
-    newest: Vec<FileRecord>,
-    /// Regular files of the older backups, by label and path.
-    older: HashMap<String, HashMap<String, FileRecord>>,
-    block_size: u32,
-}
-
-/// One stored object of a file's content and what it must decompress to.
-#[derive(Debug)]
-struct Layer {
-    key: String,
-    size: u64,
-    crc: u32,
-}
-
-/// Where one file's content comes from.
-#[derive(Debug)]
-struct Source {
-    /// The whole copy the file starts from.
-    base: Layer,
-    /// Page deltas to lay over it, oldest first.
-    deltas: Vec<Layer>,
-}
-
-impl Chain {
-    /// Every backup of the chain must be restorable: a diff or incr is only a part of the data.
-    fn load(catalog: &Catalog, backup: &BackupRecord) -> Result<Chain> {
-        let mut backups = vec![backup.clone()];
-        let mut older = HashMap::new();
-        while let Some(up) = backups.last().and_then(|b| b.parent.clone()) {
-            let child = backups.last().map(|b| b.label.clone()).unwrap_or_default();
-            if backups.iter().any(|b| b.label == up) {
-                bail!("the parent chain of backup {} loops at {up}: the catalog is damaged; restore another backup with --backup", backup.label);
-            }
-            let parent = catalog.backup(&up)?.ok_or_else(|| {
-                anyhow!("backup {up}, which backup {child} builds on, is not in the catalog: restore another backup with --backup")
-            })?;
-            if !parent.status.is_restorable() {
-                bail!(
-                    "backup {up}, which backup {child} builds on, has status {} and cannot be restored: restore another backup with --backup",
-                    parent.status
-                );
-            }
-            let files: HashMap<String, FileRecord> = catalog
-                .files(&up)?
-                .into_iter()
-                .filter(|f| f.kind == FileKind::File)
-                .map(|f| (f.path.clone(), f))
-                .collect();
-            older.insert(up, files);
-            backups.push(parent);
-        }
-        Ok(Chain {
-            newest: catalog.files(&backup.label)?,
-            block_size: backup.block_size,
-            backups,
-            older,
-        })
-    }
-
-    fn label(&self) -> &str {
-        &self.backups[0].label
-    }
-
-    /// Follow `f` (a file of the restored backup) down the chain: a record stored elsewhere
-    /// leads to the older backup holding it, a page delta to the parent's record of the file,
-    /// until a whole copy. Every step goes to an older backup, so the walk ends.
-    fn source(&self, f: &FileRecord) -> Result<Source> {
-        let mut deltas = Vec::new();
-        let mut pos = 0;
-        let mut rec = f;
-        loop {
-            let label = &self.backups[pos].label;
-            let holder = rec.stored_in.as_deref().ok_or_else(|| {
-                anyhow!(
-                    "backup {label} records no content for {}: the catalog is damaged",
-                    rec.path
-                )
-            })?;
-            if holder != label {
-                pos = self
-                    .backups
-                    .iter()
-                    .position(|b| b.label == holder)
-                    .filter(|&p| p > pos)
-                    .ok_or_else(|| {
-                        anyhow!("backup {label} refers to backup {holder} for {}, which is not an older backup of its chain: the catalog is damaged", rec.path)
-                    })?;
-                rec = self.older_file(pos, &rec.path)?;
-                continue;
-            }
-            let layer = Layer {
-                key: keys::backup_file(label, &rec.path),
-                size: rec.size,
-                crc: rec.crc32c.ok_or_else(|| {
-                    anyhow!(
-                        "backup {label} records no CRC for {}: the catalog is damaged",
-                        rec.path
-                    )
-                })?,
-            };
-            if !rec.page_delta {
-                deltas.reverse();
-                return Ok(Source {
-                    base: layer,
-                    deltas,
-                });
-            }
-            deltas.push(layer);
-            pos += 1;
-            rec = self.older_file(pos, &rec.path)?;
-        }
-    }
-
-    fn older_file(&self, pos: usize, path: &str) -> Result<&FileRecord> {
-        let Some(b) = self.backups.get(pos) else {
-            bail!(
-                "{path} is a page delta in full backup {}: the catalog is damaged",
-                self.backups.last().map_or("", |b| b.label.as_str())
-            );
-        };
-        self.older
-            .get(&b.label)
-            .and_then(|files| files.get(path))
-            .ok_or_else(|| {
-                anyhow!(
-                    "{path} is missing from backup {}, which later backups build on: the catalog is damaged",
-                    b.label
-                )
-            })
-    }
 }
 
 /// Writes at most `left` bytes to the file and drops the rest: a file that shrank later in the
@@ -820,104 +686,4 @@ fn sync_filesystem(path: &Path) -> Result<()> {
             .with_context(|| format!("syncing {}", path.display()));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use pgkeep_catalog::BackupType;
-
-    fn backup(label: &str, parent: Option<&str>) -> BackupRecord {
-        BackupRecord {
-            label: label.into(),
-            backup_type: if parent.is_some() {
-                BackupType::Incr
-            } else {
-                BackupType::Full
-            },
-            parent: parent.map(str::to_string),
-            stop_lsn: None,
-            ..crate::walchain::tests::backup(1, 0, 0)
-        }
-    }
-
-    fn file(stored_in: &str, page_delta: bool, size: u64) -> FileRecord {
-        FileRecord {
-            path: "base/5/16384".into(),
-            kind: FileKind::File,
-            size,
-            mode: 0o600,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            link_target: None,
-            crc32c: Some(7),
-            sha256: None,
-            stored_size: 0,
-            stored_in: Some(stored_in.into()),
-            n_blocks: Some(3),
-            page_delta,
-        }
-    }
-
-    /// F holds the file whole, I1 a delta, I2 refers to I1's delta, I3 a delta again.
-    fn chain(older: &[(&str, FileRecord)]) -> Chain {
-        let labels = ["I3", "I2", "I1", "F"];
-        let backups = labels
-            .iter()
-            .zip(labels.iter().skip(1).map(Some).chain([None]))
-            .map(|(l, p)| backup(l, p.copied()))
-            .collect();
-        Chain {
-            backups,
-            newest: Vec::new(),
-            older: older
-                .iter()
-                .map(|(l, f)| (l.to_string(), HashMap::from([(f.path.clone(), f.clone())])))
-                .collect(),
-            block_size: 8192,
-        }
-    }
-
-    #[test]
-    fn a_file_is_its_newest_whole_copy_plus_the_later_deltas_in_order() {
-        let c = chain(&[
-            ("F", file("F", false, 100_000)),
-            ("I1", file("I1", true, 40)),
-            ("I2", file("I1", true, 40)),
-        ]);
-        let s = c.source(&file("I3", true, 50)).unwrap();
-        assert_eq!(s.base.key, keys::backup_file("F", "base/5/16384"));
-        assert_eq!(s.base.size, 100_000);
-        let deltas: Vec<_> = s.deltas.iter().map(|d| d.key.clone()).collect();
-        assert_eq!(
-            deltas,
-            [
-                keys::backup_file("I1", "base/5/16384"),
-                keys::backup_file("I3", "base/5/16384")
-            ]
-        );
-        // A reference straight to the whole copy needs no delta.
-        let s = c.source(&file("F", false, 100_000)).unwrap();
-        assert!(s.deltas.is_empty());
-    }
-
-    #[test]
-    fn a_damaged_chain_is_an_error_not_a_loop_or_panic() {
-        // A delta whose parent lacks the file.
-        let c = chain(&[("F", file("F", false, 1))]);
-        let e = c.source(&file("I3", true, 40)).unwrap_err().to_string();
-        assert!(e.contains("missing from backup I2"), "{e}");
-        // References must point to older backups of the chain.
-        for holder in ["I9", "F2"] {
-            let e = c.source(&file(holder, false, 1)).unwrap_err().to_string();
-            assert!(e.contains("not an older backup of its chain"), "{e}");
-        }
-        let c = chain(&[("I2", file("I3", false, 1)), ("F", file("F", true, 40))]);
-        let e = c.source(&file("I2", false, 1)).unwrap_err().to_string();
-        assert!(e.contains("not an older backup of its chain"), "{e}");
-        // A delta in the full backup at the end of the chain.
-        let e = c.source(&file("F", true, 40)).unwrap_err().to_string();
-        assert!(e.contains("page delta in full backup F"), "{e}");
-    }
 }
