@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, BufRead, ErrorKind, Read, Write};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use sha2::{Digest as _, Sha256};
 
@@ -120,9 +120,9 @@ fn pump(
 ) -> Result<([u8; 32], u32)> {
     let mut first = take_buffer(buffers);
     let n = fill(key, src, &mut first)?;
-    write(key, writer, &first[..n])?;
     if n < first.len() {
         // History and backup-history files fit one block: not worth a thread.
+        write(key, writer, &first[..n])?;
         let sums = (
             Sha256::digest(&first[..n]).into(),
             crc32c::crc32c(&first[..n]),
@@ -131,11 +131,10 @@ fn pump(
         return Ok(sums);
     }
     std::thread::scope(|scope| {
-        // Blocks travel to the hasher and back by value: no copies and no sharing. Three
-        // buffers keep both threads busy (one being read and compressed, one being hashed,
-        // one in a channel).
-        let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(1);
-        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        // Each block is shared read-only: the hasher checksums it while this thread compresses
+        // it, then hands it back for reuse. Three buffers keep both threads busy.
+        let (full_tx, full_rx) = mpsc::sync_channel::<(Arc<Vec<u8>>, usize)>(1);
+        let (free_tx, free_rx) = mpsc::channel::<Arc<Vec<u8>>>();
         let hasher = scope.spawn(move || {
             let (mut sha, mut crc) = (Sha256::new(), 0);
             for (buf, n) in full_rx {
@@ -150,31 +149,39 @@ fn pump(
         let mut spare: Vec<Vec<u8>> = (0..2).map(|_| take_buffer(buffers)).collect();
         let mut block = (first, n);
         let pumped = loop {
-            if full_tx.send(block).is_err() {
+            let (buf, n) = block;
+            let shared = Arc::new(buf);
+            if full_tx.send((Arc::clone(&shared), n)).is_err() {
                 break Err(hasher_gone(key));
             }
-            let mut buf = match spare.pop().or_else(|| free_rx.recv().ok()) {
+            if let Err(e) = write(key, writer, &shared[..n]) {
+                break Err(e);
+            }
+            if n < shared.len() {
+                break Ok(());
+            }
+            drop(shared);
+            let mut buf = match spare.pop().or_else(|| free_rx.recv().ok().map(unshare)) {
                 Some(buf) => buf,
                 None => break Err(hasher_gone(key)),
             };
-            let n = match fill(key, src, &mut buf) {
-                Ok(n) => n,
+            match fill(key, src, &mut buf) {
+                Ok(n) => block = (buf, n),
                 Err(e) => break Err(e),
-            };
-            if let Err(e) = write(key, writer, &buf[..n]) {
-                break Err(e);
             }
-            if n < buf.len() {
-                break full_tx.send((buf, n)).map_err(|_| hasher_gone(key));
-            }
-            block = (buf, n);
         };
         drop(full_tx);
-        let sha = hasher.join().map_err(|_| hasher_gone(key));
+        let sums = hasher.join().map_err(|_| hasher_gone(key));
         buffers.extend(spare);
-        buffers.extend(free_rx.try_iter());
-        pumped.and(sha)
+        buffers.extend(free_rx.try_iter().map(unshare));
+        pumped.and(sums)
     })
+}
+
+/// A block buffer back from the hasher. This thread drops its own handle before asking for a
+/// buffer, so the hasher's is the only one left; a fresh buffer covers the impossible case.
+fn unshare(buf: Arc<Vec<u8>>) -> Vec<u8> {
+    Arc::try_unwrap(buf).unwrap_or_else(|_| vec![0; BLOCK_SIZE])
 }
 
 fn write(key: &str, writer: &mut Writer, bytes: &[u8]) -> Result<()> {
