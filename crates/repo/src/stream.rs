@@ -190,9 +190,8 @@ impl<W: Write> fmt::Debug for CompressWriter<W> {
 /// A stream that is cut short, garbled, or followed by stray bytes fails with an `io::Error`
 /// whose inner error is a [`FrameError`]; see [`FrameError::from_io`].
 pub struct DecompressReader<R: Read> {
-    inner: R,
+    frame: FrameBlocks<R>,
     sums: Summer,
-    state: State,
     /// Compressed bytes of the current block.
     packed: Vec<u8>,
     /// Decompressed bytes of the current block; `pos..end` not yet handed out.
@@ -201,19 +200,11 @@ pub struct DecompressReader<R: Read> {
     end: usize,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum State {
-    Header,
-    Blocks { max_block: usize },
-    Done,
-}
-
 impl<R: Read> DecompressReader<R> {
     pub fn new(inner: R, sha256: bool) -> Self {
         DecompressReader {
-            inner,
+            frame: FrameBlocks::new(inner),
             sums: Summer::new(sha256),
-            state: State::Header,
             packed: Vec::new(),
             raw: Vec::new(),
             pos: 0,
@@ -228,23 +219,112 @@ impl<R: Read> DecompressReader<R> {
 
     /// True once the end mark was read and nothing followed it.
     pub fn is_done(&self) -> bool {
-        self.state == State::Done && self.pos == self.end
+        self.frame.is_done() && self.pos == self.end
     }
 
     pub fn into_inner(self) -> R {
-        self.inner
+        self.frame.inner
     }
 
     /// Reads blocks until there are decompressed bytes to hand out or the frame ended cleanly.
     fn refill(&mut self) -> io::Result<()> {
         while self.pos == self.end {
-            match self.state {
-                State::Done => return Ok(()),
-                State::Header => self.read_header()?,
-                State::Blocks { max_block } => self.read_block(max_block)?,
-            }
+            let max_block = self.frame.max_block()?;
+            let Some(block) = self.frame.next_block()? else {
+                return Ok(());
+            };
+            // A stored block goes straight to the output buffer: no copy.
+            let buf = if block.compressed {
+                &mut self.packed
+            } else {
+                &mut self.raw
+            };
+            grow(buf, block.len);
+            self.frame.read_body(&mut buf[..block.len])?;
+            self.end = if block.compressed {
+                decode_block(&self.packed[..block.len], &mut self.raw, max_block)?
+            } else {
+                block.len
+            };
+            self.pos = 0;
         }
         Ok(())
+    }
+}
+
+/// The container of an lz4 frame, read one block at a time with the blocks left as stored: for
+/// readers that decompress elsewhere, such as `fetch_decompressed_at`'s worker threads. Errors
+/// are those of [`DecompressReader`], which is built on it.
+pub(crate) struct FrameBlocks<R: Read> {
+    inner: R,
+    state: State,
+    /// From the header; meaningless while `state` is `Header`.
+    max_block: usize,
+}
+
+/// One block of a frame as stored: `len` bytes follow, lz4-compressed or not.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawBlock {
+    pub len: usize,
+    pub compressed: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State {
+    Header,
+    Blocks,
+    Done,
+}
+
+impl<R: Read> FrameBlocks<R> {
+    pub fn new(inner: R) -> Self {
+        FrameBlocks {
+            inner,
+            state: State::Header,
+            max_block: 0,
+        }
+    }
+
+    /// True once the end mark was read and nothing followed it.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// The most raw bytes a block of this frame holds, from the header (read now if it was not).
+    pub fn max_block(&mut self) -> io::Result<usize> {
+        if self.state == State::Header {
+            self.read_header()?;
+        }
+        Ok(self.max_block)
+    }
+
+    /// The next block's length and kind; the caller reads its bytes with [`Self::read_body`]
+    /// before asking for another. `None` after the end mark, once it is clear nothing follows.
+    pub fn next_block(&mut self) -> io::Result<Option<RawBlock>> {
+        let max_block = self.max_block()?;
+        if self.state == State::Done {
+            return Ok(None);
+        }
+        let mut word = [0u8; 4];
+        read_exact_or(&mut self.inner, &mut word, FrameError::Truncated)?;
+        let word = u32::from_le_bytes(word);
+        if word == 0 {
+            self.read_trailer()?;
+            return Ok(None);
+        }
+        let len = (word & !UNCOMPRESSED_BIT) as usize;
+        if len > max_block {
+            return Err(FrameError::BlockTooBig(len).into());
+        }
+        Ok(Some(RawBlock {
+            len,
+            compressed: word & UNCOMPRESSED_BIT == 0,
+        }))
+    }
+
+    /// Reads the body of the block `next_block` announced into `buf`, which is exactly its length.
+    pub fn read_body(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        read_exact_or(&mut self.inner, buf, FrameError::Truncated)
     }
 
     fn read_header(&mut self) -> io::Result<()> {
@@ -260,50 +340,8 @@ impl<R: Read> DecompressReader<R> {
             .ok_or(FrameError::UnsupportedHeader(
                 header[4], header[5], header[6],
             ))?;
-        self.state = State::Blocks { max_block };
-        Ok(())
-    }
-
-    fn read_block(&mut self, max_block: usize) -> io::Result<()> {
-        let mut word = [0u8; 4];
-        read_exact_or(&mut self.inner, &mut word, FrameError::Truncated)?;
-        let word = u32::from_le_bytes(word);
-        if word == 0 {
-            return self.read_trailer();
-        }
-        let len = (word & !UNCOMPRESSED_BIT) as usize;
-        if len > max_block {
-            return Err(FrameError::BlockTooBig(len).into());
-        }
-        if word & UNCOMPRESSED_BIT != 0 {
-            grow(&mut self.raw, len);
-            read_exact_or(&mut self.inner, &mut self.raw[..len], FrameError::Truncated)?;
-            self.pos = 0;
-            self.end = len;
-            return Ok(());
-        }
-        grow(&mut self.packed, len);
-        read_exact_or(
-            &mut self.inner,
-            &mut self.packed[..len],
-            FrameError::Truncated,
-        )?;
-        // Size the output to what this block can expand to (a sequence cannot expand by more
-        // than 255 to 1) so that small objects do not zero a whole block's worth of memory; if
-        // the guess is short, retry once with the full block size before calling it corrupt.
-        let guess = max_block.min(len.saturating_mul(255).max(64 * 1024));
-        grow(&mut self.raw, guess);
-        let n = match decompress_into(&self.packed[..len], &mut self.raw[..guess]) {
-            Ok(n) => n,
-            Err(_) if guess < max_block => {
-                grow(&mut self.raw, max_block);
-                decompress_into(&self.packed[..len], &mut self.raw[..max_block])
-                    .map_err(|e| FrameError::BadBlock(e.to_string()))?
-            }
-            Err(e) => return Err(FrameError::BadBlock(e.to_string()).into()),
-        };
-        self.pos = 0;
-        self.end = n;
+        self.max_block = max_block;
+        self.state = State::Blocks;
         Ok(())
     }
 
@@ -320,6 +358,29 @@ impl<R: Read> DecompressReader<R> {
         }
         self.state = State::Done;
         Ok(())
+    }
+}
+
+/// Decompresses one compressed block of a frame whose blocks hold at most `max_block` raw bytes
+/// into the front of `raw` (grown as needed) and returns how many bytes it holds.
+pub(crate) fn decode_block(
+    packed: &[u8],
+    raw: &mut Vec<u8>,
+    max_block: usize,
+) -> Result<usize, FrameError> {
+    // Size the output to what this block can expand to (a sequence cannot expand by more than
+    // 255 to 1) so that small objects do not zero a whole block's worth of memory; if the guess
+    // is short, retry once with the full block size before calling it corrupt.
+    let guess = max_block.min(packed.len().saturating_mul(255).max(64 * 1024));
+    grow(raw, guess);
+    match decompress_into(packed, &mut raw[..guess]) {
+        Ok(n) => Ok(n),
+        Err(_) if guess < max_block => {
+            grow(raw, max_block);
+            decompress_into(packed, &mut raw[..max_block])
+                .map_err(|e| FrameError::BadBlock(e.to_string()))
+        }
+        Err(e) => Err(FrameError::BadBlock(e.to_string())),
     }
 }
 
@@ -357,7 +418,7 @@ impl<R: Read> fmt::Debug for DecompressReader<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DecompressReader")
             .field("raw", &self.sums.size)
-            .field("state", &self.state)
+            .field("state", &self.frame.state)
             .finish_non_exhaustive()
     }
 }
