@@ -21,7 +21,9 @@ mod transfer;
 pub use local::LocalStorage;
 pub use memory::MemoryStorage;
 pub use stream::{CompressWriter, DecompressReader, Digest, FrameError, BLOCK_SIZE};
-pub use transfer::{fetch_decompressed, get_bytes, put_bytes, store_compressed};
+pub use transfer::{
+    fetch_decompressed, fetch_decompressed_at, get_bytes, put_bytes, store_compressed,
+};
 
 /// What can go wrong storing or fetching a repository object; every variant names the key.
 #[derive(Debug, thiserror::Error)]

@@ -4,13 +4,23 @@
 //! as much CPU as reading and lz4, so for sources longer than one block they run on a helper
 //! thread, one block behind the thread that reads and compresses: a 16 MiB WAL segment is then
 //! archived in roughly the time of the slower half instead of the sum of both.
+//!
+//! `fetch_decompressed_at` is the hot path of restore for big files. lz4 decoding and the copy
+//! into the page cache cost about the same, and one thread doing both for a table of hundreds of
+//! megabytes leaves the other cores idle; because the blocks of a frame are independent and all
+//! but the last hold exactly the frame's block size, each can be decoded and written at its own
+//! offset by whichever thread is free.
 
 use std::cell::RefCell;
+use std::fs::File;
 use std::io::{self, BufRead, ErrorKind, Read, Write};
-use std::sync::{mpsc, Arc};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
+use crate::stream::{decode_block, FrameBlocks};
 use crate::{
     Commit, CompressWriter, DecompressReader, Digest, FrameError, PendingObject, Result, Storage,
     StorageError, StoredObject, BLOCK_SIZE,
@@ -69,25 +79,54 @@ pub fn fetch_decompressed(
                 return Err(corrupt(key, format!("expected {size} bytes, found more")));
             }
         }
-        dst.write_all(chunk)
-            .map_err(|source| StorageError::Destination {
-                key: key.to_owned(),
-                source,
-            })?;
+        dst.write_all(chunk).map_err(|e| destination(key, e))?;
         reader.consume(n);
         written += n as u64;
     }
     let digest = reader.digest();
-    if let Some((size, crc)) = expect {
-        if digest.size != size || digest.crc32c != crc {
-            let detail = format!(
-                "expected {size} bytes with crc32c {crc:08x}, found {} bytes with crc32c {:08x}",
-                digest.size, digest.crc32c
-            );
-            return Err(corrupt(key, detail));
-        }
+    if let Some(expect) = expect {
+        check_expected(key, expect, &digest)?;
     }
     Ok(digest)
+}
+
+/// Decompress the object at `key` into `dst` from offset 0 like `fetch_decompressed`, with the
+/// same checks against `expect` and the same errors, but decoding and writing its blocks on
+/// `threads` threads at once. Only the first `cap` bytes are written (the rest is still read and
+/// checked): a file that shrank keeps only the head of an older copy. `on_bytes` hears of every
+/// run of bytes written, from any of those threads. `dst` should be empty.
+///
+/// A frame whose blocks do not all hold the frame's block size but the last (not one we wrote)
+/// is fetched again one block after another, over an emptied `dst`; the result is the same.
+pub fn fetch_decompressed_at(
+    storage: &dyn Storage,
+    key: &str,
+    dst: &File,
+    cap: u64,
+    expect: (u64, u32),
+    threads: usize,
+    on_bytes: &(dyn Fn(u64) + Sync),
+) -> Result<Digest> {
+    let reported = AtomicU64::new(0);
+    let out = Placer {
+        key,
+        dst,
+        cap,
+        on_bytes,
+        reported: &reported,
+    };
+    if let Some(digest) = fetch_blocks_at(storage, &out, expect, threads)? {
+        return Ok(digest);
+    }
+    dst.set_len(0).map_err(|e| destination(key, e))?;
+    let mut seq = SequentialAt {
+        file: dst,
+        pos: 0,
+        cap,
+        reported: reported.into_inner(),
+        on_bytes,
+    };
+    fetch_decompressed(storage, key, &mut seq, Some(expect), false)
 }
 
 /// Store small uncompressed bytes (metadata files) atomically, replacing.
@@ -208,6 +247,310 @@ fn fill(key: &str, src: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// Where the decoded blocks of one object go, shared by the threads of `fetch_blocks_at`.
+struct Placer<'a> {
+    key: &'a str,
+    dst: &'a File,
+    cap: u64,
+    on_bytes: &'a (dyn Fn(u64) + Sync),
+    /// Bytes `on_bytes` was told of, so that a fallback does not tell of them twice.
+    reported: &'a AtomicU64,
+}
+
+/// One block as stored, on its way to a decoding thread: `buf[..len]`, block number `index`.
+struct Packed {
+    index: usize,
+    buf: Vec<u8>,
+    len: usize,
+    compressed: bool,
+}
+
+/// What a decoding thread found in one block; `buf` travels back to be filled again.
+struct Decoded {
+    index: usize,
+    len: usize,
+    crc: u32,
+    buf: Vec<u8>,
+}
+
+/// How the reading of a frame in `fetch_blocks_at` stopped.
+enum Stop {
+    /// The end mark, and nothing after it.
+    End,
+    /// A block after a short one, or one starting past the expected size: either the blocks are
+    /// not laid out as the offsets assume or the object holds too much, and `fetch_decompressed`
+    /// tells which.
+    Irregular,
+    /// The storage failed, the frame is damaged, or a decoding thread reported an error (`None`:
+    /// the decoding threads are gone).
+    Failed(Option<StorageError>),
+}
+
+/// Reads the frame at `out.key` on the calling thread and decodes its blocks on `threads`
+/// others. `None` when the frame turned out not to be laid out in full-size blocks; what was
+/// written is then garbage.
+fn fetch_blocks_at(
+    storage: &dyn Storage,
+    out: &Placer<'_>,
+    expect: (u64, u32),
+    threads: usize,
+) -> Result<Option<Digest>> {
+    let key = out.key;
+    let mut frame = FrameBlocks::new(storage.open(key)?);
+    let max_block = frame.max_block().map_err(|e| read_error(key, e))?;
+    let threads = threads.max(1);
+    // Bounded so memory stays at a few blocks per thread however far reading could run ahead.
+    let in_flight_max = 2 * threads;
+    let failed = AtomicBool::new(false);
+    let (job_tx, job_rx) = mpsc::sync_channel::<Packed>(in_flight_max);
+    // Held by the decoding threads only, so that if they all die the receiver goes with them
+    // and a send fails instead of waiting forever.
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (done_tx, done_rx) = mpsc::channel::<Result<Decoded>>();
+    let mut seen = Seen::default();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let (jobs, done, failed) = (Arc::clone(&job_rx), done_tx.clone(), &failed);
+            scope.spawn(move || decode_blocks(out, max_block, &jobs, &done, failed));
+        }
+        drop((job_rx, done_tx));
+        let mut index = 0;
+        let stop = loop {
+            // Take results and buffers back as they come; wait only when enough is in flight.
+            seen.extend(done_rx.try_iter(), max_block);
+            while seen.free.is_empty() && seen.in_flight >= in_flight_max {
+                match done_rx.recv() {
+                    Ok(done) => seen.add(done, max_block),
+                    Err(_) => break,
+                }
+            }
+            if let Some(e) = seen.error.take() {
+                break Stop::Failed(Some(e));
+            }
+            if seen.short_at.is_some_and(|at| at < index) {
+                break Stop::Irregular;
+            }
+            let block = match frame.next_block() {
+                Ok(Some(block)) => block,
+                Ok(None) => break Stop::End,
+                Err(e) => break Stop::Failed(Some(read_error(key, e))),
+            };
+            // Stop before decoding more than the object should hold: a garbled frame could
+            // otherwise keep every thread busy for as long as it goes on.
+            if (index as u64) * (max_block as u64) >= expect.0 {
+                break Stop::Irregular;
+            }
+            let mut buf = seen.free.pop().unwrap_or_default();
+            if buf.len() < block.len {
+                buf.resize(block.len, 0);
+            }
+            if let Err(e) = frame.read_body(&mut buf[..block.len]) {
+                break Stop::Failed(Some(read_error(key, e)));
+            }
+            let job = Packed {
+                index,
+                buf,
+                len: block.len,
+                compressed: block.compressed,
+            };
+            if job_tx.send(job).is_err() {
+                break Stop::Failed(None);
+            }
+            seen.in_flight += 1;
+            index += 1;
+        };
+        if !matches!(stop, Stop::End) {
+            failed.store(true, Ordering::Relaxed);
+        }
+        drop(job_tx);
+        seen.extend(done_rx.iter(), max_block);
+        match (stop, seen.error.take()) {
+            (Stop::Failed(Some(e)), _) | (_, Some(e)) => Err(e),
+            (Stop::Failed(None), None) => Err(StorageError::io(
+                key,
+                io::Error::other("the lz4 decoding threads stopped"),
+            )),
+            (Stop::Irregular, None) => Ok(None),
+            (Stop::End, None) => seen.digest(key, index, expect),
+        }
+    })
+}
+
+/// A decoding thread: takes blocks until the reader is done, decodes each, writes what lies
+/// below the cap at the block's offset and reports its length and CRC-32C. After any failure
+/// it only drains the queue.
+fn decode_blocks(
+    out: &Placer<'_>,
+    max_block: usize,
+    jobs: &Mutex<mpsc::Receiver<Packed>>,
+    done: &mpsc::Sender<Result<Decoded>>,
+    failed: &AtomicBool,
+) {
+    let mut raw = Vec::new();
+    loop {
+        let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let Ok(job) = job else { break };
+        if failed.load(Ordering::Relaxed) {
+            continue;
+        }
+        let result = out.place(job, max_block, &mut raw);
+        if result.is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
+        // The reader holds its end until every decoding thread has finished.
+        let _ = done.send(result);
+    }
+}
+
+impl Placer<'_> {
+    fn place(&self, job: Packed, max_block: usize, raw: &mut Vec<u8>) -> Result<Decoded> {
+        let packed = &job.buf[..job.len];
+        let bytes = if job.compressed {
+            let n = decode_block(packed, raw, max_block)
+                .map_err(|e| corrupt(self.key, e.to_string()))?;
+            &raw[..n]
+        } else {
+            packed
+        };
+        let at = job.index as u64 * max_block as u64;
+        let below_cap = self.cap.saturating_sub(at);
+        let take = bytes
+            .len()
+            .min(usize::try_from(below_cap).unwrap_or(usize::MAX));
+        if take > 0 {
+            self.dst
+                .write_all_at(&bytes[..take], at)
+                .map_err(|e| destination(self.key, e))?;
+            self.reported.fetch_add(take as u64, Ordering::Relaxed);
+            (self.on_bytes)(take as u64);
+        }
+        Ok(Decoded {
+            index: job.index,
+            len: bytes.len(),
+            crc: crc32c::crc32c(bytes),
+            buf: job.buf,
+        })
+    }
+}
+
+/// What the reader of `fetch_blocks_at` has heard back from the decoding threads.
+#[derive(Default)]
+struct Seen {
+    /// Raw length and CRC-32C of each block, by block number.
+    blocks: Vec<Option<(usize, u32)>>,
+    /// Lowest number of a block shorter than the frame's block size.
+    short_at: Option<usize>,
+    free: Vec<Vec<u8>>,
+    in_flight: usize,
+    error: Option<StorageError>,
+}
+
+impl Seen {
+    fn extend(&mut self, done: impl Iterator<Item = Result<Decoded>>, max_block: usize) {
+        for d in done {
+            self.add(d, max_block);
+        }
+    }
+
+    fn add(&mut self, done: Result<Decoded>, max_block: usize) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let d = match done {
+            Ok(d) => d,
+            Err(e) => {
+                self.error.get_or_insert(e);
+                return;
+            }
+        };
+        if self.blocks.len() <= d.index {
+            self.blocks.resize(d.index + 1, None);
+        }
+        self.blocks[d.index] = Some((d.len, d.crc));
+        if d.len < max_block {
+            self.short_at = Some(self.short_at.map_or(d.index, |at| at.min(d.index)));
+        }
+        self.free.push(d.buf);
+    }
+
+    /// Size and CRC-32C of the whole object from those of its `n` blocks, checked against
+    /// `expect`; `None` if a block other than the last is short, which put the later blocks at
+    /// the wrong offsets.
+    fn digest(&self, key: &str, n: usize, expect: (u64, u32)) -> Result<Option<Digest>> {
+        if self.short_at.is_some_and(|at| at + 1 < n) {
+            return Ok(None);
+        }
+        let (mut size, mut crc) = (0u64, 0u32);
+        for i in 0..n {
+            let Some(&Some((len, block_crc))) = self.blocks.get(i) else {
+                let e = io::Error::other(format!("lz4 block {i} was never decoded"));
+                return Err(StorageError::io(key, e));
+            };
+            crc = crc32c::crc32c_combine(crc, block_crc, len);
+            size += len as u64;
+        }
+        let digest = Digest {
+            size,
+            crc32c: crc,
+            sha256: None,
+        };
+        check_expected(key, expect, &digest)?;
+        Ok(Some(digest))
+    }
+}
+
+/// Writes a stream into a file from offset 0, dropping what lies past `cap`, and tells
+/// `on_bytes` only of bytes past `reported`: the fallback of `fetch_decompressed_at`, whose
+/// abandoned attempt already told of those.
+struct SequentialAt<'a> {
+    file: &'a File,
+    pos: u64,
+    cap: u64,
+    reported: u64,
+    on_bytes: &'a (dyn Fn(u64) + Sync),
+}
+
+impl Write for SequentialAt<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let below_cap = self.cap.saturating_sub(self.pos);
+        let take = buf
+            .len()
+            .min(usize::try_from(below_cap).unwrap_or(usize::MAX));
+        if take == 0 {
+            return Ok(buf.len());
+        }
+        self.file.write_all_at(&buf[..take], self.pos)?;
+        let end = self.pos + take as u64;
+        let fresh = end.saturating_sub(self.pos.max(self.reported));
+        if fresh > 0 {
+            (self.on_bytes)(fresh);
+        }
+        self.pos = end;
+        Ok(take)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The size and CRC-32C the catalog recorded must be what came out.
+fn check_expected(key: &str, (size, crc): (u64, u32), digest: &Digest) -> Result<()> {
+    if digest.size != size || digest.crc32c != crc {
+        let detail = format!(
+            "expected {size} bytes with crc32c {crc:08x}, found {} bytes with crc32c {:08x}",
+            digest.size, digest.crc32c
+        );
+        return Err(corrupt(key, detail));
+    }
+    Ok(())
+}
+
+fn destination(key: &str, source: io::Error) -> StorageError {
+    StorageError::Destination {
+        key: key.to_owned(),
+        source,
+    }
 }
 
 /// Only a panic in sha2 could get here; reported as an I/O error rather than propagated.

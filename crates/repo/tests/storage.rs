@@ -1,11 +1,13 @@
 //! Storage contract tests, run against both backends so `MemoryStorage` stays a faithful stand-in.
 
+use std::fs::File;
 use std::io::{Cursor, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 
 use pgkeep_repo::{
-    fetch_decompressed, get_bytes, put_bytes, store_compressed, Commit, LocalStorage,
-    MemoryStorage, Storage, StorageError,
+    fetch_decompressed, fetch_decompressed_at, get_bytes, put_bytes, store_compressed, Commit,
+    CompressWriter, Digest, LocalStorage, MemoryStorage, Storage, StorageError, BLOCK_SIZE,
 };
 
 /// Runs `test` on a fresh local repository (in a temp dir) and a fresh memory one.
@@ -501,6 +503,200 @@ fn memory_handles_share_objects() {
     assert_eq!(get_bytes(&b, "k").unwrap(), b"v");
     let shared: Arc<dyn Storage> = Arc::new(b);
     assert_eq!(shared.list("").unwrap(), ["k"]);
+}
+
+#[test]
+fn parallel_fetch_writes_what_the_sequential_one_does() {
+    const B: usize = BLOCK_SIZE;
+    on_each_backend(|s| {
+        let raw = mixed(5 * B + 4321);
+        for len in [0, 1, B - 1, B, B + 1, 3 * B, 5 * B + 4321] {
+            let src = &raw[..len];
+            let stored =
+                store_compressed(s, "p/obj.lz4", &mut Cursor::new(src), Commit::Replace).unwrap();
+            let expect = (len as u64, stored.digest.crc32c);
+            for threads in [1, 2, 4] {
+                let (out, result, reported) = fetch_at(s, "p/obj.lz4", u64::MAX, expect, threads);
+                let digest = result.unwrap();
+                assert_eq!((digest.size, digest.crc32c), expect);
+                assert!(out == src, "len {len} threads {threads}");
+                assert_eq!(reported, len as u64);
+            }
+        }
+        // A file that shrank later in a chain keeps only the head of the object.
+        let len = raw.len() as u64;
+        for cap in [
+            0,
+            1,
+            B as u64,
+            B as u64 + 7,
+            2 * B as u64 - 1,
+            len / 2,
+            len,
+            len + 1,
+        ] {
+            let (out, result, reported) =
+                fetch_at(s, "p/obj.lz4", cap, (len, crc32c::crc32c(&raw)), 2);
+            assert_eq!(result.unwrap().size, len);
+            let want = &raw[..len.min(cap) as usize];
+            assert!(out == want, "cap {cap}");
+            assert_eq!(reported, want.len() as u64);
+        }
+    });
+}
+
+#[test]
+fn parallel_fetch_reports_damage_as_corruption() {
+    on_each_backend(|s| {
+        let raw = mixed(4 * BLOCK_SIZE + 999);
+        let stored =
+            store_compressed(s, "p/obj.lz4", &mut Cursor::new(&raw), Commit::Replace).unwrap();
+        let expect = (stored.digest.size, stored.digest.crc32c);
+        let good = get_bytes(s, "p/obj.lz4").unwrap();
+        let is_corrupt = |result: &pgkeep_repo::Result<Digest>| matches!(result, Err(StorageError::Corrupt { key, .. }) if key == "p/bad.lz4");
+
+        let mut positions: Vec<usize> = (0..16).collect();
+        positions.extend((16..good.len()).step_by(good.len() / 31));
+        positions.extend(good.len() - 8..good.len());
+        for pos in positions {
+            for mask in [0x01u8, 0x80, 0xFF] {
+                let mut bad = good.clone();
+                bad[pos] ^= mask;
+                put_bytes(s, "p/bad.lz4", &bad).unwrap();
+                let (_, result, _) = fetch_at(s, "p/bad.lz4", u64::MAX, expect, 2);
+                assert!(is_corrupt(&result), "flip {mask:#x} at {pos}: {result:?}");
+            }
+        }
+        let mut cuts: Vec<usize> = (0..24).collect();
+        cuts.extend((24..good.len()).step_by(good.len() / 31));
+        cuts.extend(good.len() - 6..good.len());
+        for cut in cuts {
+            put_bytes(s, "p/bad.lz4", &good[..cut]).unwrap();
+            let (_, result, _) = fetch_at(s, "p/bad.lz4", u64::MAX, expect, 2);
+            assert!(is_corrupt(&result), "cut at {cut}: {result:?}");
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        put_bytes(s, "p/bad.lz4", &longer).unwrap();
+        let (_, result, _) = fetch_at(s, "p/bad.lz4", u64::MAX, expect, 2);
+        assert!(is_corrupt(&result), "{result:?}");
+
+        put_bytes(s, "p/bad.lz4", &good).unwrap();
+        let (size, crc) = expect;
+        let block = BLOCK_SIZE as u64;
+        for wrong in [
+            (size - 1, crc),
+            (size + 1, crc),
+            (size, crc ^ 1),
+            (0, 0),
+            (size - 999, crc),
+            (size - 1000, crc),
+        ] {
+            let (out, result, _) = fetch_at(s, "p/bad.lz4", u64::MAX, wrong, 2);
+            assert!(is_corrupt(&result), "{wrong:?}: {result:?}");
+            let msg = result.unwrap_err().to_string();
+            assert!(
+                msg.starts_with("object p/bad.lz4 in the repository is corrupt: expected"),
+                "{msg}"
+            );
+            // A short expectation stops the fetch within a block of it.
+            assert!(out.len() as u64 <= wrong.0.max(size.min(wrong.0 + block)));
+        }
+        let (_, result, _) = fetch_at(s, "p/none.lz4", u64::MAX, expect, 2);
+        assert!(
+            matches!(result, Err(StorageError::NotFound { .. })),
+            "{result:?}"
+        );
+    });
+}
+
+#[test]
+fn a_frame_with_a_short_middle_block_is_fetched_one_block_after_another() {
+    const B: usize = BLOCK_SIZE;
+    on_each_backend(|s| {
+        let raw = mixed(4 * B - 1000);
+        // `flush` ends a block early. Blocks of B, B - 1000, B, B bytes put the last block at
+        // 3 B, inside the object; B, B / 2, B, B, B / 2 - 1000 put it past the end.
+        for early in [2 * B - 1000, B + B / 2] {
+            let mut w = CompressWriter::new(Vec::new(), false);
+            w.write_all(&raw[..early]).unwrap();
+            w.flush().unwrap();
+            w.write_all(&raw[early..]).unwrap();
+            let (digest, _, frame) = w.finish().unwrap();
+            put_bytes(s, "p/short.lz4", &frame).unwrap();
+            let expect = (digest.size, digest.crc32c);
+            for threads in [1, 2, 4] {
+                for cap in [u64::MAX, B as u64 + 10, 3 * B as u64] {
+                    let (out, result, reported) = fetch_at(s, "p/short.lz4", cap, expect, threads);
+                    assert_eq!(result.unwrap().crc32c, digest.crc32c);
+                    let want = &raw[..raw.len().min(cap as usize)];
+                    let case = format!("early {early} threads {threads} cap {cap}");
+                    assert!(out == want, "{case}");
+                    // Bytes the abandoned attempt reported are not reported again.
+                    assert_eq!(reported, want.len() as u64, "{case}");
+                }
+            }
+            let (_, result, _) = fetch_at(s, "p/short.lz4", u64::MAX, (digest.size, 0), 2);
+            assert!(
+                matches!(result, Err(StorageError::Corrupt { .. })),
+                "{result:?}"
+            );
+        }
+    });
+}
+
+#[test]
+fn parallel_fetch_tells_destination_errors_apart() {
+    on_each_backend(|s| {
+        let raw = mixed(3 * BLOCK_SIZE);
+        let stored =
+            store_compressed(s, "p/obj.lz4", &mut Cursor::new(&raw), Commit::Replace).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("read-only");
+        std::fs::write(&path, b"").unwrap();
+        let file = File::open(&path).unwrap();
+        let expect = (stored.digest.size, stored.digest.crc32c);
+        let err =
+            fetch_decompressed_at(s, "p/obj.lz4", &file, u64::MAX, expect, 2, &|_| {}).unwrap_err();
+        assert!(matches!(err, StorageError::Destination { .. }), "{err:?}");
+        assert_eq!(err.key(), "p/obj.lz4");
+    });
+}
+
+/// Runs `fetch_decompressed_at` into a new file: what the file then holds, the result, and the
+/// bytes reported written.
+fn fetch_at(
+    s: &dyn Storage,
+    key: &str,
+    cap: u64,
+    expect: (u64, u32),
+    threads: usize,
+) -> (Vec<u8>, pgkeep_repo::Result<Digest>, u64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("out");
+    let file = File::create(&path).expect("output file");
+    let reported = AtomicU64::new(0);
+    let on_bytes = |n| {
+        reported.fetch_add(n, Ordering::Relaxed);
+    };
+    let result = fetch_decompressed_at(s, key, &file, cap, expect, threads, &on_bytes);
+    let out = std::fs::read(&path).expect("reading the output file");
+    (out, result, reported.into_inner())
+}
+
+/// Compressible blocks with incompressible ones between, so frames hold stored blocks too.
+fn mixed(n: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut v = data(n);
+    for (i, byte) in v.iter_mut().enumerate() {
+        if i / BLOCK_SIZE % 2 == 1 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *byte = x as u8;
+        }
+    }
+    v
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
