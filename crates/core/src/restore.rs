@@ -22,7 +22,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
 use pgkeep_catalog::{BackupRecord, BackupStatus, Catalog, FileKind, FileRecord};
 use pgkeep_pg::{Lsn, TimelineId};
-use pgkeep_repo::{fetch_decompressed, get_bytes, keys, DecompressReader, StorageError};
+use pgkeep_repo::{
+    fetch_decompressed, fetch_decompressed_at, get_bytes, keys, DecompressReader, StorageError,
+};
 use sha2::{Digest as _, Sha256};
 
 use crate::backup::{file_size, needed_segments, BACKUP_LABEL, TABLESPACE_MAP};
@@ -194,6 +196,7 @@ pub fn restore(
         chain: &chain,
         pgdata,
         delta: opts.delta,
+        jobs,
         progress,
     };
     let results = parallel::for_each(&todo, jobs, |f, buf| writer.write(f, buf))?;
@@ -383,8 +386,15 @@ struct FileWriter<'a> {
     chain: &'a Chain,
     pgdata: &'a Path,
     delta: bool,
+    /// Threads a big file's whole copy is decoded on, besides the pool's.
+    jobs: usize,
     progress: &'a dyn Progress,
 }
+
+/// Whole copies at least this big are decoded on `jobs` threads of their own. One big table
+/// would otherwise keep one pool thread busy long after the others ran out of files; below
+/// this, starting threads is not worth it.
+const PARALLEL_BASE: u64 = 8 << 20;
 
 impl FileWriter<'_> {
     fn write(&self, f: &FileRecord, buf: &mut [u8]) -> Result<Written> {
@@ -407,21 +417,9 @@ impl FileWriter<'_> {
             .mode(0o600)
             .open(&dest)
             .with_context(|| format!("creating {}", dest.display()))?;
-        let mut out = CappedWriter {
-            inner: &mut file,
-            left: len,
-            progress: self.progress,
-        };
-        let base = &source.base;
-        fetch_decompressed(
-            self.repo.storage(),
-            &base.key,
-            &mut out,
-            Some((base.size, base.crc)),
-            false,
-        )
-        .with_context(context)?;
-        let short = out.left;
+        let short = self
+            .write_base(&source.base, &mut file, len)
+            .with_context(context)?;
         if !source.deltas.is_empty() {
             let bs = self.chain.block_size as usize;
             let (page, rest) = buf.split_at_mut(bs.min(buf.len()));
@@ -439,6 +437,26 @@ impl FileWriter<'_> {
         drop(file);
         set_attributes(&dest, f)?;
         Ok(Written::Bytes(len))
+    }
+
+    /// Writes the head of `file` from its whole copy, at most `len` bytes, and returns how many
+    /// of the `len` bytes it left for the page deltas (the file grew later in the chain).
+    fn write_base(&self, base: &Layer, file: &mut File, len: u64) -> Result<u64, StorageError> {
+        let storage = self.repo.storage();
+        let expect = (base.size, base.crc);
+        if self.jobs > 1 && base.size >= PARALLEL_BASE {
+            let on_bytes = |n| self.progress.advance(n);
+            let digest =
+                fetch_decompressed_at(storage, &base.key, file, len, expect, self.jobs, &on_bytes)?;
+            return Ok(len.saturating_sub(digest.size));
+        }
+        let mut out = CappedWriter {
+            inner: file,
+            left: len,
+            progress: self.progress,
+        };
+        fetch_decompressed(storage, &base.key, &mut out, Some(expect), false)?;
+        Ok(out.left)
     }
 }
 
