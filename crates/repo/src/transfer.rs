@@ -373,7 +373,7 @@ fn fetch_blocks_at(
                 io::Error::other("the lz4 decoding threads stopped"),
             )),
             (Stop::Irregular, None) => Ok(None),
-            (Stop::End, None) => seen.digest(key, index, expect),
+            (Stop::End, None) => seen.digest(key, index, max_block, expect),
         }
     })
 }
@@ -476,17 +476,28 @@ impl Seen {
     /// Size and CRC-32C of the whole object from those of its `n` blocks, checked against
     /// `expect`; `None` if a block other than the last is short, which put the later blocks at
     /// the wrong offsets.
-    fn digest(&self, key: &str, n: usize, expect: (u64, u32)) -> Result<Option<Digest>> {
+    fn digest(
+        &self,
+        key: &str,
+        n: usize,
+        max_block: usize,
+        expect: (u64, u32),
+    ) -> Result<Option<Digest>> {
         if self.short_at.is_some_and(|at| at + 1 < n) {
             return Ok(None);
         }
+        let past_block = ZerosAppended::new(max_block);
         let (mut size, mut crc) = (0u64, 0u32);
         for i in 0..n {
             let Some(&Some((len, block_crc))) = self.blocks.get(i) else {
                 let e = io::Error::other(format!("lz4 block {i} was never decoded"));
                 return Err(StorageError::io(key, e));
             };
-            crc = crc32c::crc32c_combine(crc, block_crc, len);
+            crc = if len == max_block {
+                past_block.apply(crc) ^ block_crc
+            } else {
+                crc32c::crc32c_combine(crc, block_crc, len)
+            };
             size += len as u64;
         }
         let digest = Digest {
@@ -498,6 +509,41 @@ impl Seen {
         Ok(Some(digest))
     }
 }
+
+/// What appending `len` zero bytes does to a CRC-32C: the CRC of `a` followed by `b` is this
+/// applied to the CRC of `a`, xor the CRC of `b`, when `b` is `len` bytes long.
+///
+/// `crc32c_combine` builds this map anew on every call, which for a 1 MiB block costs more than
+/// the block's CRC itself; the blocks of a frame all have the same length but the last, so it is
+/// built once and applied with at most 32 xors per block.
+struct ZerosAppended {
+    /// The image of each bit of the CRC register: the map is linear over GF(2).
+    columns: [u32; 32],
+}
+
+impl ZerosAppended {
+    fn new(len: usize) -> Self {
+        // One zero bit shifts the (bit-reflected) register right by one and folds the
+        // polynomial in for a bit shifted out. That shift commutes with appending `len` zero
+        // bytes, and turns bit i into bit i - 1, so each column follows from the one above.
+        let mut columns = [0u32; 32];
+        columns[31] = crc32c::crc32c_combine(1 << 31, 0, len);
+        for i in (0..31).rev() {
+            let above = columns[i + 1];
+            columns[i] = (above >> 1) ^ if above & 1 == 1 { CASTAGNOLI } else { 0 };
+        }
+        ZerosAppended { columns }
+    }
+
+    fn apply(&self, crc: u32) -> u32 {
+        (0..32)
+            .filter(|bit| crc >> bit & 1 == 1)
+            .fold(0, |acc, bit| acc ^ self.columns[bit])
+    }
+}
+
+/// The CRC-32C polynomial, bit-reflected.
+const CASTAGNOLI: u32 = 0x82F6_3B78;
 
 /// Writes a stream into a file from offset 0, dropping what lies past `cap`, and tells
 /// `on_bytes` only of bytes past `reported`: the fallback of `fetch_decompressed_at`, whose
@@ -595,4 +641,28 @@ const POOL_SIZE: usize = 3;
 
 fn take_buffer(buffers: &mut Vec<Vec<u8>>) -> Vec<u8> {
     buffers.pop().unwrap_or_else(|| vec![0; BLOCK_SIZE])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeros_appended_is_crc32c_combine() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for len in [1, 7, 64 << 10, 1 << 20, (1 << 20) + 1, 4 << 20] {
+            let shift = ZerosAppended::new(len);
+            for _ in 0..200 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let (a, b) = (x as u32, (x >> 32) as u32);
+                assert_eq!(
+                    shift.apply(a) ^ b,
+                    crc32c::crc32c_combine(a, b, len),
+                    "{a:08x} {b:08x} {len}"
+                );
+            }
+        }
+    }
 }
