@@ -114,6 +114,7 @@ pub fn fetch_decompressed_at(
         cap,
         on_bytes,
         reported: &reported,
+        writing: Mutex::new(()),
     };
     if let Some(digest) = fetch_blocks_at(storage, &out, expect, threads)? {
         return Ok(digest);
@@ -257,6 +258,10 @@ struct Placer<'a> {
     on_bytes: &'a (dyn Fn(u64) + Sync),
     /// Bytes `on_bytes` was told of, so that a fallback does not tell of them twice.
     reported: &'a AtomicU64,
+    /// Held while writing. ext4, like most filesystems, takes the inode's lock for every
+    /// buffered write, and the kernel keeps a waiter spinning while the holder copies; taking
+    /// turns here instead lets the waiting thread sleep and leave the CPU to decoding.
+    writing: Mutex<()>,
 }
 
 /// One block as stored, on its way to a decoding thread: `buf[..len]`, block number `index`.
@@ -420,6 +425,7 @@ impl Placer<'_> {
             .len()
             .min(usize::try_from(below_cap).unwrap_or(usize::MAX));
         if take > 0 {
+            let _turn = self.writing.lock().unwrap_or_else(|p| p.into_inner());
             self.dst
                 .write_all_at(&bytes[..take], at)
                 .map_err(|e| destination(self.key, e))?;
