@@ -6,8 +6,9 @@
 //! [`MemoryStorage`] in memory for tests. Object contents are LZ4 frames written by
 //! [`CompressWriter`] and read by [`DecompressReader`], which compute the size, CRC-32C and
 //! SHA-256 of the raw bytes while they stream, so nothing is read twice; [`store_compressed`] and
-//! [`fetch_decompressed`] put the two together, and [`keys`] is the one place that knows how the
-//! repository is laid out.
+//! [`fetch_decompressed`] put the two together ([`fetch_decompressed_at`] decodes the blocks of a
+//! big object on several threads), and [`keys`] is the one place that knows how the repository is
+//! laid out.
 
 use std::io::{self, Read, Write};
 
