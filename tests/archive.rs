@@ -88,6 +88,53 @@ fn same_content_again_succeeds_and_different_content_is_refused() {
 }
 
 #[test]
+fn an_object_left_without_its_catalog_row_is_adopted_and_served_intact() {
+    let cluster = Cluster::with(ClusterOptions {
+        archive: false,
+        ..Default::default()
+    });
+    cluster.execute("CREATE TABLE t AS SELECT generate_series(1, 100000) AS id");
+    let name = cluster.query_text("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    cluster.execute("SELECT pg_switch_wal()");
+    let rel = format!("pg_wal/{name}");
+    // A second repository of the same cluster stores the segment; its object is then placed in
+    // the cluster's repository as a push that died before writing the catalog row leaves it.
+    let other_repo = cluster.dir.subdir("other-repo");
+    let config = fs::read_to_string(&cluster.config)
+        .unwrap()
+        .replace(cluster.repo.to_str().unwrap(), other_repo.to_str().unwrap());
+    let other_config = cluster.dir.path().join("other.toml");
+    fs::write(&other_config, config).unwrap();
+    chown_to_postgres(&other_config);
+    for args in [vec!["init"], vec!["archive-push", &rel]] {
+        let out = crate::harness::user_command(&cluster.pgkeep_bin)
+            .current_dir(&cluster.data)
+            .arg("--config")
+            .arg(&other_config)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    let orphan = find_stored(&other_repo, &name);
+    let relative = orphan.strip_prefix(&other_repo).unwrap();
+    let target = cluster.repo.join(relative);
+    fs::create_dir_all(target.parent().unwrap()).unwrap();
+    fs::copy(&orphan, &target).unwrap();
+    for path in target.ancestors().take_while(|p| *p != cluster.repo) {
+        chown_to_postgres(path);
+    }
+
+    let run = cluster.pgkeep_in(&cluster.data, &["archive-push", &rel]);
+    assert!(run.success(), "{run:?}");
+    let (run, dest) = archive_get(&cluster, &name);
+    assert!(run.success(), "{run:?}");
+    assert!(fs::read(dest).unwrap() == fs::read(cluster.data.join(&rel)).unwrap());
+    let run = cluster.pgkeep(&["validate"]);
+    assert!(run.success(), "{run:?}");
+}
+
+#[test]
 fn random_bytes_and_foreign_segments_are_refused() {
     let cluster = Cluster::new();
     let other = Cluster::with(ClusterOptions {

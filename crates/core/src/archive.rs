@@ -58,7 +58,12 @@ pub fn archive_push(cfg: &Config, wal_path: &Path) -> Result<PushOutcome> {
 
     if let Some(existing) = repo.catalog.wal(file_name)? {
         let found = hash_file(&mut file).with_context(reading)?;
-        return compare_existing(&existing, file_name, found);
+        return compare_existing(
+            &existing,
+            file_name,
+            found.size,
+            found.sha256.unwrap_or([0; 32]),
+        );
     }
 
     let key = keys::wal(repo.identity.system_identifier, file_name);
@@ -123,35 +128,43 @@ fn insert_record(catalog: &Catalog, rec: &WalRecord) -> Result<bool> {
     match catalog.insert_wal(rec)? {
         WalInsert::Inserted => Ok(true),
         WalInsert::AlreadyPresent(existing) => {
-            compare_existing(
-                &existing,
-                &rec.name,
-                Digest {
-                    size: rec.size,
-                    crc32c: rec.crc32c,
-                    sha256: Some(rec.sha256),
-                },
-            )?;
+            compare_existing(&existing, &rec.name, rec.size, rec.sha256)?;
             Ok(false)
         }
     }
 }
 
-/// Size and SHA-256 of the whole file, read from its start.
+/// Size, CRC-32C and SHA-256 of the whole file, read from its start: a digest as complete as
+/// the one `store_compressed` returns, since the adoption path records it.
 fn hash_file(file: &mut fs::File) -> io::Result<Digest> {
     file.seek(SeekFrom::Start(0))?;
-    let mut sha = Sha256::new();
-    let size = io::copy(file, &mut sha)?;
+    let (mut sha, mut crc, mut size) = (Sha256::new(), 0, 0u64);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        sha.update(&buf[..n]);
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        size += n as u64;
+    }
     Ok(Digest {
         size,
-        crc32c: 0,
+        crc32c: crc,
         sha256: Some(sha.finalize().into()),
     })
 }
 
-fn compare_existing(existing: &WalRecord, name: &str, found: Digest) -> Result<PushOutcome> {
-    let sha = found.sha256.unwrap_or([0; 32]);
-    if existing.size == found.size && existing.sha256 == sha {
+fn compare_existing(
+    existing: &WalRecord,
+    name: &str,
+    size: u64,
+    sha: [u8; 32],
+) -> Result<PushOutcome> {
+    if existing.size == size && existing.sha256 == sha {
         return Ok(PushOutcome::AlreadyArchived);
     }
     bail!(
