@@ -541,13 +541,13 @@ impl Parent {
 /// from it. Opened on the first changed page: files with no change read nothing of the parent.
 struct OlderPages<'a> {
     storage: &'a dyn Storage,
-    parent: Option<&'a Parent>,
+    parent: &'a Parent,
     pages: Option<ChainPages>,
     buf: Vec<u8>,
 }
 
 impl<'a> OlderPages<'a> {
-    fn new(storage: &'a dyn Storage, parent: Option<&'a Parent>, block_size: usize) -> Self {
+    fn new(storage: &'a dyn Storage, parent: &'a Parent, block_size: usize) -> Self {
         OlderPages {
             storage,
             parent,
@@ -559,19 +559,17 @@ impl<'a> OlderPages<'a> {
     /// Block `block` of `p` (the parent's record of the file) as the parent chain holds it;
     /// blocks must be asked for in increasing order.
     fn page(&mut self, p: &FileRecord, block: u64) -> Result<&[u8]> {
-        let parent = self
-            .parent
-            .ok_or_else(|| anyhow!("{} has no parent backup to compare with", p.path))?;
+        let label = &self.parent.record.label;
         let damaged = || {
             format!(
-                "reading {} from parent backup {}: run `pgkeep validate`, or take a full backup with `pgkeep backup --type full`",
-                p.path, parent.record.label
+                "reading {} from parent backup {label}: run `pgkeep validate`, or take a full backup with `pgkeep backup --type full`",
+                p.path
             )
         };
         let pages = match &mut self.pages {
             Some(pages) => pages,
             None => {
-                let source = parent.chain.source(p).with_context(damaged)?;
+                let source = self.parent.chain.source(p).with_context(damaged)?;
                 let opened = ChainPages::open(self.storage, &source, self.buf.len());
                 self.pages.insert(opened.with_context(damaged)?)
             }
@@ -785,12 +783,15 @@ impl Copier<'_> {
         let parent_size = file_size(p, bs as u32);
         // Pages the parent chain has whole; every later one is new whatever its LSN says.
         let parent_blocks = parent_size / bs as u64;
-        let since = self.parent.map_or(Lsn::INVALID, |p| p.record.start_lsn);
+        let parent = self
+            .parent
+            .ok_or_else(|| anyhow!("{} has no parent backup to compare with", entry.rel))?;
+        let since = parent.record.start_lsn;
         let key = keys::backup_file(self.label, &entry.rel);
         let mut delta: Option<DeltaObject> = None;
         let mut failures = Vec::new();
         let mut tail: Vec<u8> = Vec::new();
-        let mut older = OlderPages::new(self.storage, self.parent, bs);
+        let mut older = OlderPages::new(self.storage, parent, bs);
         let scanned = self.scan(
             &mut file,
             entry,

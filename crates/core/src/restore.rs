@@ -422,11 +422,10 @@ impl FileWriter<'_> {
             .with_context(context)?;
         if !source.deltas.is_empty() {
             let bs = self.chain.block_size as usize;
-            let (page, rest) = buf.split_at_mut(bs.min(buf.len()));
-            let base = rest
-                .get_mut(..bs)
-                .filter(|_| page.len() == bs)
-                .ok_or_else(|| anyhow!("block size {bs} is too large for the copy buffer"))?;
+            let (page, base) = buf
+                .get_mut(..2 * bs)
+                .ok_or_else(|| anyhow!("block size {bs} is too large for the copy buffer"))?
+                .split_at_mut(bs);
             for layer in &source.deltas {
                 apply_delta(self.repo, &file, layer, len, page, base).with_context(context)?;
             }
