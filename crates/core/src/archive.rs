@@ -35,9 +35,9 @@ pub enum PushOutcome {
 
 /// Archive one WAL, history, backup-history or partial file.
 ///
-/// The file is streamed: read and lz4 on this thread, SHA-256 and CRC-32C on a second one
-/// (`store_compressed`), so a 16 MiB segment costs about half its checksum-plus-compress time
-/// and never sits whole in memory.
+/// The file is streamed through `store_compressed`: two threads, one computing SHA-256 and
+/// CRC-32C in order while both share the lz4 work, so a 16 MiB segment takes about half its
+/// checksum-plus-compress time and never sits whole in memory.
 pub fn archive_push(cfg: &Config, wal_path: &Path) -> Result<PushOutcome> {
     let repo = Repo::open(cfg)?;
     let seg = repo.wal_seg_size()?;

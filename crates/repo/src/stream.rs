@@ -119,24 +119,52 @@ impl<W: Write> CompressWriter<W> {
     /// Writes one block of at most `BLOCK_SIZE` raw bytes, compressed unless that would not
     /// make it smaller (the frame format then stores it as is).
     fn write_block(&mut self, raw: &[u8]) -> io::Result<()> {
-        debug_assert!(!raw.is_empty() && raw.len() <= BLOCK_SIZE);
-        let need = 4 + get_maximum_output_size(raw.len());
-        if self.out.len() < need {
-            self.out.resize(need, 0);
-        }
-        let packed = compress_into(raw, &mut self.out[4..need]).map_err(io::Error::other)?;
-        if packed < raw.len() {
-            // Both lengths fit 31 bits: blocks are at most BLOCK_SIZE bytes.
-            self.out[..4].copy_from_slice(&(packed as u32).to_le_bytes());
-            let (out, inner) = (&self.out[..4 + packed], &mut self.inner);
-            inner.write_all(out)?;
-            self.stored += out.len() as u64;
-            Ok(())
-        } else {
-            self.put(&(raw.len() as u32 | UNCOMPRESSED_BIT).to_le_bytes())?;
-            self.put(raw)
+        let mut out = std::mem::take(&mut self.out);
+        let result =
+            encode_block(raw, &mut out).and_then(|packed| self.put_block(raw, &out, packed));
+        self.out = out;
+        result
+    }
+
+    /// Appends one block that [`encode_block`] turned into `out` (returning `packed`), and
+    /// counts `raw` as taken: for callers that compress blocks on other threads and hand them
+    /// over in order. Only whole blocks may come before it.
+    pub(crate) fn put_encoded(
+        &mut self,
+        raw: &[u8],
+        out: &[u8],
+        packed: Option<usize>,
+    ) -> io::Result<()> {
+        debug_assert!(self.pending.is_empty());
+        self.write_header()?;
+        self.sums.update(raw);
+        self.put_block(raw, out, packed)
+    }
+
+    fn put_block(&mut self, raw: &[u8], out: &[u8], packed: Option<usize>) -> io::Result<()> {
+        match packed {
+            Some(len) => self.put(&out[..len]),
+            None => {
+                // Both lengths fit 31 bits: blocks are at most BLOCK_SIZE bytes.
+                self.put(&(raw.len() as u32 | UNCOMPRESSED_BIT).to_le_bytes())?;
+                self.put(raw)
+            }
         }
     }
+}
+
+/// Compresses one block of at most `BLOCK_SIZE` raw bytes into `out` as a frame holds it (the
+/// 4-byte block size, then the lz4 block) and returns how many bytes of `out` that is; `None`
+/// when compressing would not make the block smaller, and the frame must hold it as is.
+pub(crate) fn encode_block(raw: &[u8], out: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    debug_assert!(!raw.is_empty() && raw.len() <= BLOCK_SIZE);
+    grow(out, 4 + get_maximum_output_size(raw.len()));
+    let packed = compress_into(raw, &mut out[4..]).map_err(io::Error::other)?;
+    if packed >= raw.len() {
+        return Ok(None);
+    }
+    out[..4].copy_from_slice(&(packed as u32).to_le_bytes());
+    Ok(Some(4 + packed))
 }
 
 impl<W: Write> Write for CompressWriter<W> {
@@ -524,7 +552,11 @@ impl Summer {
 /// Grows `buf` to at least `len` initialised bytes; buffers only grow to what a stream needs,
 /// so reading an 8 KiB object never touches a megabyte of memory.
 fn grow(buf: &mut Vec<u8>, len: usize) {
-    if buf.len() < len {
+    if buf.is_empty() {
+        // A fresh zeroed allocation: for a block-sized buffer the allocator maps zero pages
+        // and only the bytes written are ever touched, where `resize` would write all of them.
+        *buf = vec![0; len];
+    } else if buf.len() < len {
         buf.resize(len, 0);
     }
 }
