@@ -1,7 +1,8 @@
 //! lz4 frame streams that checksum the raw bytes on the way through: `CompressWriter` and `DecompressReader`.
 //!
-//! The frame container (header, block sizes, end mark) is written and parsed here around
-//! `lz4_flex`'s block codec rather than with its `FrameEncoder`/`FrameDecoder`, for two reasons:
+//! The frame container (header, block sizes, end mark) is written and parsed here around the
+//! block codecs (the reference C library's `LZ4_compress_fast` to compress, `lz4_flex` to
+//! decompress) rather than with a library's frame encoder and decoder, for two reasons:
 //! `FrameDecoder` reports a stream cut at a block boundary as a clean end of data, which would let
 //! a truncated object pass validation, and owning the loop lets full blocks be compressed straight
 //! from the caller's buffer and decompressed output be handed out without another copy. The
@@ -11,7 +12,8 @@
 use std::fmt;
 use std::io::{self, BufRead, ErrorKind, Read, Write};
 
-use lz4_flex::block::{compress_into, decompress_into, get_maximum_output_size};
+use lz4::block::{compress_bound, compress_to_buffer, CompressionMode};
+use lz4_flex::block::decompress_into;
 use sha2::{Digest as _, Sha256};
 
 /// Checksums of the original (uncompressed) bytes.
@@ -120,8 +122,8 @@ impl<W: Write> CompressWriter<W> {
     /// make it smaller (the frame format then stores it as is).
     fn write_block(&mut self, raw: &[u8]) -> io::Result<()> {
         let mut out = std::mem::take(&mut self.out);
-        let result =
-            encode_block(raw, &mut out).and_then(|packed| self.put_block(raw, &out, packed));
+        let result = encode_block(raw, &mut out, FILE_ACCELERATION)
+            .and_then(|packed| self.put_block(raw, &out, packed));
         self.out = out;
         result
     }
@@ -153,13 +155,27 @@ impl<W: Write> CompressWriter<W> {
     }
 }
 
+/// lz4 acceleration (`LZ4_compress_fast`'s parameter; 1 is what `lz4 -1` and pgBackRest use)
+/// of data files in backups, where the stored size is kept for the whole retention period.
+pub(crate) const FILE_ACCELERATION: i32 = 1;
+
+/// lz4 acceleration of archived WAL (`store_compressed`). A segment must be archived before the
+/// server fills the next, so speed counts for more there: on WAL written by a bulk load,
+/// acceleration 2 compresses about a quarter faster than 1 for 1.3% more bytes.
+pub(crate) const WAL_ACCELERATION: i32 = 2;
+
 /// Compresses one block of at most `BLOCK_SIZE` raw bytes into `out` as a frame holds it (the
 /// 4-byte block size, then the lz4 block) and returns how many bytes of `out` that is; `None`
 /// when compressing would not make the block smaller, and the frame must hold it as is.
-pub(crate) fn encode_block(raw: &[u8], out: &mut Vec<u8>) -> io::Result<Option<usize>> {
+pub(crate) fn encode_block(
+    raw: &[u8],
+    out: &mut Vec<u8>,
+    acceleration: i32,
+) -> io::Result<Option<usize>> {
     debug_assert!(!raw.is_empty() && raw.len() <= BLOCK_SIZE);
-    grow(out, 4 + get_maximum_output_size(raw.len()));
-    let packed = compress_into(raw, &mut out[4..]).map_err(io::Error::other)?;
+    grow(out, 4 + compress_bound(raw.len())?);
+    let mode = Some(CompressionMode::FAST(acceleration));
+    let packed = compress_to_buffer(raw, mode, false, &mut out[4..])?;
     if packed >= raw.len() {
         return Ok(None);
     }

@@ -20,7 +20,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::stream::{decode_block, encode_block, FrameBlocks};
+use crate::stream::{decode_block, encode_block, FrameBlocks, WAL_ACCELERATION};
 use crate::{
     Commit, CompressWriter, DecompressReader, Digest, FrameError, PendingObject, Result, Storage,
     StorageError, StoredObject, BLOCK_SIZE,
@@ -368,7 +368,7 @@ impl<'a> Line<'a> {
                 s
             }
             Step::Compress(block, mut out) => {
-                let encoded = encode_block(block.bytes(), &mut out);
+                let encoded = encode_block(block.bytes(), &mut out, WAL_ACCELERATION);
                 let index = block.index;
                 drop(block);
                 let mut s = self.lock();
