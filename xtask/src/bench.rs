@@ -523,6 +523,7 @@ impl Bench {
         // The restore before this step leaves a gigabyte of dirty pages being written back; a
         // push's fsync would queue behind them, timing the disk's backlog rather than the tool.
         run_checked(&mut Command::new("sync"))?;
+        settle_disks();
         let mut segments: Vec<PathBuf> = fs::read_dir(&self.samples)?
             .map(|e| e.map(|e| e.path()))
             .collect::<std::io::Result<_>>()?;
@@ -1060,4 +1061,50 @@ fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
+}
+
+/// Waits (at most 30 s) until the block devices have written nothing for half a second and hold
+/// no request in flight: `sync` returns once the data is handed to the device, and a virtual
+/// disk may go on writing it out for seconds, slowing every fsync of the next step.
+fn settle_disks() {
+    let started = Instant::now();
+    let mut last = disk_writes();
+    let mut quiet_since = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = disk_writes();
+        if now.is_none() {
+            return;
+        }
+        if now != last || now.is_some_and(|(_, in_flight)| in_flight > 0) {
+            quiet_since = Instant::now();
+            last = now;
+        } else if quiet_since.elapsed() >= Duration::from_millis(500) {
+            break;
+        }
+    }
+    println!(
+        "    disks settled after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Sectors written and requests in flight, summed over the whole disks in /proc/diskstats
+/// (partitions would count twice); `None` where that file cannot be read.
+fn disk_writes() -> Option<(u64, u64)> {
+    let stats = fs::read_to_string("/proc/diskstats").ok()?;
+    let mut total = (0, 0);
+    for line in stats.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let whole_disk = f.get(2).is_some_and(|name| {
+            !name.starts_with("loop")
+                && !name.starts_with("ram")
+                && fs::metadata(format!("/sys/block/{name}")).is_ok()
+        });
+        if f.len() > 11 && whole_disk {
+            total.0 += f[9].parse::<u64>().unwrap_or(0);
+            total.1 += f[11].parse::<u64>().unwrap_or(0);
+        }
+    }
+    Some(total)
 }
