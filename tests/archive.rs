@@ -4,7 +4,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::harness::{chown_to_postgres, Cluster, ClusterOptions};
+use crate::harness::{chown_to_postgres, corrupt_stored_object, Cluster, ClusterOptions};
 
 /// Names of the segments PostgreSQL marked archived (`.done`), oldest first.
 fn done_segments(cluster: &Cluster) -> Vec<String> {
@@ -205,10 +205,7 @@ fn corrupt_stored_segment_is_refused_by_archive_get() {
     let cluster = Cluster::new();
     let name = cluster.switch_wal_and_wait();
     let stored = find_stored(&cluster.repo, &name);
-    let mut bytes = fs::read(&stored).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x01;
-    fs::write(&stored, bytes).unwrap();
+    corrupt_stored_object(&stored);
     let (run, dest) = archive_get(&cluster, &name);
     assert_ne!(run.code, Some(0), "{run:?}");
     assert!(run.stderr.contains(&name), "{run:?}");

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use pgkeep_pg::{Lsn, WalFileName, WalSegSize};
 
-use crate::harness::{Cluster, Run};
+use crate::harness::{corrupt_stored_object, Cluster, Run};
 
 fn assert_one_line_error(run: &Run, needle: &str) {
     assert_eq!(run.code, Some(1), "{run:?}");
@@ -133,10 +133,7 @@ fn a_flipped_byte_in_a_stored_file_makes_the_backup_corrupt_and_unrestorable() {
     let good = good["label"].as_str().unwrap();
     let bad = bad["label"].as_str().unwrap();
     let (rel, stored) = largest_stored_file(&cluster, bad);
-    let mut bytes = fs::read(&stored).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x40;
-    fs::write(&stored, bytes).unwrap();
+    corrupt_stored_object(&stored);
 
     let run = cluster.pgkeep(&["validate"]);
     assert_eq!(run.code, Some(3), "{run:?}");

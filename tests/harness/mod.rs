@@ -57,6 +57,33 @@ pub fn chown_to_postgres(path: &Path) {
     }
 }
 
+/// Flips one bit of a stored lz4 object at `path`, at or after its middle, where that changes
+/// what the object decodes to. Not every flip in an lz4 stream does: one in the offset of a
+/// match inside a run of zeros can point at other zeros and decode to the very same bytes, and
+/// the object is then intact, which is what a checksum of the content rightly says.
+pub fn corrupt_stored_object(path: &Path) {
+    use std::io::Read;
+    let decode = |bytes: &[u8]| {
+        let mut out = Vec::new();
+        let mut reader = pgkeep_repo::DecompressReader::new(bytes, false);
+        reader.read_to_end(&mut out).ok().map(|_| out)
+    };
+    let good = fs::read(path).unwrap();
+    let original = decode(&good).expect("the object decodes before it is damaged");
+    for pos in good.len() / 2..good.len() {
+        let mut bad = good.clone();
+        bad[pos] ^= 0x40;
+        if decode(&bad).as_ref() != Some(&original) {
+            fs::write(path, bad).unwrap();
+            return;
+        }
+    }
+    panic!(
+        "no flipped bit in the second half of {} changes its content",
+        path.display()
+    );
+}
+
 /// A command that runs as the cluster's OS user: `postgres` under `runuser` when we are root.
 pub fn user_command(program: impl AsRef<OsStr>) -> Command {
     if is_root() {
