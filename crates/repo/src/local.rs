@@ -383,7 +383,9 @@ fn is_absent(e: &io::Error) -> bool {
     e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
 }
 
-/// Makes a directory's entries (new, renamed or removed files) durable.
+/// Asks the kernel to start writing `file`'s dirty pages to disk now rather than when memory
+/// runs short, so the disk works while more is being produced and a later fsync or syncfs has
+/// little left to wait for. Only a hint: errors surface at that fsync.
 #[cfg(target_os = "linux")]
 fn start_writeback(file: &File) {
     // SAFETY: a plain system call on a descriptor `file` keeps open; it reads no memory of ours.
