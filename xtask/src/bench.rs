@@ -19,8 +19,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::sh::{
-    append, cargo_build_release, give_to_postgres, path, pg_bin, postgres_command, run_checked,
-    wait_archive_drained,
+    append, cargo_build_release, give_to_postgres, path, pg_bin, postgres_command,
+    postgres_command_direct, run_checked, wait_archive_drained,
 };
 use measure::{measure, Measured};
 use report::{Header, Machine, Metric, Results, Tool};
@@ -326,13 +326,17 @@ impl Bench {
     ) -> Result<String> {
         let before_updates = self.sql(FINGERPRINT_SQL)?;
 
-        // Full backups, A then B, then the references.
+        // Full backups, A then B, then the references. Every timed step starts with what it
+        // reads in the page cache: this machine's memory reclaim evicts files idle for a minute,
+        // and whichever tool read the cluster second would otherwise find it cached.
+        self.warm_cluster();
         let m = self.checked(
             "pgkeep full backup",
             &mut self.pgkeep_cmd(&self.pgkeep_conf, &["backup", "--type", "full"]),
         )?;
         let k_full = self.pgkeep_newest("full")?;
         record_backup(r, Tool::Pgkeep, FULL, &m, k_full.stored_bytes);
+        self.warm_cluster();
         let m = self.checked(
             "pgBackRest full backup",
             &mut self.pgbr_cmd(&self.pgbr_conf, STANZA, &["backup", "--type=full"]),
@@ -351,10 +355,13 @@ impl Bench {
                 ),
             )?;
         }
+        self.warm_cluster();
         self.pg_basebackup(run, r)?;
+        self.warm_cluster();
         self.tar_lz4(run, r)?;
 
         // Validate the full backups.
+        warm_tree(&self.dir.join("pgkeep-repo"), &[]);
         let m = self.measured(
             "pgkeep validate",
             &mut self.pgkeep_cmd(&self.pgkeep_conf, &["validate", &k_full.label]),
@@ -377,6 +384,7 @@ impl Bench {
             bail!(failure("pgkeep validate", &m, &self.last_log()));
         }
         let verified = self.pgbr_verified_bytes()?;
+        warm_tree(&self.pgbr_repo, &[]);
         let m = self.checked(
             "pgBackRest verify",
             &mut self.pgbr_cmd(&self.pgbr_conf, STANZA, &["verify"]),
@@ -392,6 +400,7 @@ impl Bench {
         self.sql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 1000 = 0")?;
         self.sql("UPDATE random_md5 SET v = md5(random()::text) WHERE id % 2000 = 0")?;
         let after_updates = self.sql(FINGERPRINT_SQL)?;
+        self.warm_cluster();
         let m = self.measured(
             "pgkeep incremental backup",
             &mut self.pgkeep_cmd(&self.pgkeep_conf, &["backup", "--type", "incr"]),
@@ -413,6 +422,7 @@ impl Bench {
         } else {
             bail!(failure("pgkeep incremental backup", &m, &self.last_log()));
         };
+        self.warm_cluster();
         let m = self.checked(
             "pgBackRest incremental backup",
             &mut self.pgbr_cmd(&self.pgbr_conf, STANZA, &["backup", "--type=incr"]),
@@ -422,6 +432,7 @@ impl Bench {
 
         // Restore each chain into a fresh directory, then start it to prove it is the cluster.
         let dir = self.fresh_dir(&format!("restore-pgkeep-{run}"))?;
+        warm_tree(&self.dir.join("pgkeep-repo"), &[]);
         let m = self.checked(
             "pgkeep restore",
             &mut self.pgkeep_cmd(
@@ -441,6 +452,7 @@ impl Bench {
         r.add(Metric::RestoreRss, Tool::Pgkeep, m.peak_rss as f64);
         self.check_restored("pgkeep", &dir, k_expect)?;
         let dir = self.fresh_dir(&format!("restore-pgbackrest-{run}"))?;
+        warm_tree(&self.pgbr_repo, &[]);
         let m = self.checked(
             "pgBackRest restore",
             &mut self.pgbr_cmd(
@@ -566,6 +578,11 @@ impl Bench {
             );
         }
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
+    }
+
+    /// Reads the cluster's files (but its WAL) into the page cache before a timed backup.
+    fn warm_cluster(&self) {
+        warm_tree(&self.data, &["pg_wal"]);
     }
 
     /// Every backup the bench took must pass `pgkeep validate` (once that command exists).
@@ -826,7 +843,7 @@ impl Bench {
     }
 
     fn pgkeep_cmd(&self, conf: &Path, args: &[&str]) -> Command {
-        let mut c = postgres_command(&self.pgkeep);
+        let mut c = postgres_command_direct(&self.pgkeep);
         c.current_dir(&self.dir)
             .arg("--config")
             .arg(conf)
@@ -835,7 +852,7 @@ impl Bench {
     }
 
     fn pgbr_cmd(&self, conf: &Path, stanza: &str, args: &[&str]) -> Command {
-        let mut c = postgres_command(&self.pgbackrest);
+        let mut c = postgres_command_direct(&self.pgbackrest);
         c.current_dir(&self.dir)
             .arg(format!("--config={}", conf.display()))
             .arg(format!("--stanza={stanza}"))
@@ -1069,6 +1086,27 @@ fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
+}
+
+/// Reads every file under `dir` (but the subdirectories named in `skip`) into the page cache,
+/// as well as it can: files of a running cluster come and go while it reads.
+fn warm_tree(dir: &Path, skip: &[&str]) {
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let skipped = skip.iter().any(|s| e.file_name() == *s);
+            match e.file_type() {
+                Ok(t) if t.is_dir() && !skipped => todo.push(e.path()),
+                Ok(t) if t.is_file() => {
+                    let _ = warm_page_cache(&e.path());
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// Reads `file` through, so that its pages are in the page cache when a timed step reads it.

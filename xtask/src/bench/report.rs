@@ -266,9 +266,11 @@ pub fn markdown(h: &Header, r: &Results) -> String {
         s,
         "\nStored bytes: pgkeep `show --json` stored_bytes; pgBackRest `info --output=json` repository delta of that set; \
          pg_basebackup and tar: the files written, less the WAL pg_basebackup streamed (PostgreSQL 15 writes it as a plain pg_wal.tar; the two tools keep WAL in their archives). \
-         archive-push: the same {} segment(s) copied from pg_wal, pushed alternately (who goes first alternates too, and each push starts with the segment in the page cache, as archive_command finds it) into a fresh repository (pgkeep) and stanza (pgBackRest); \
+         archive-push: the same {} segment(s) copied from pg_wal, pushed alternately (who goes first alternates too) into a fresh repository (pgkeep) and stanza (pgBackRest); \
          mean per segment. validate: pgkeep `validate` of the full backup, its data_bytes / s; pgBackRest `verify` checks its whole \
          repository (the full set and the archived WAL), counted as the uncompressed bytes it covers / s. \
+         Every timed step starts with what it reads in the page cache (the cluster before a backup, the repository before a restore, validate or verify, \
+         the segment before a push, as archive_command finds it), so neither tool finds files the other just read. \
          Peak RSS: the largest single process (ru_maxrss via wait4), so pgBackRest's worker processes count one at a time \
          and pg_basebackup's is the client's, not the server's walsender.",
         h.push_segments
