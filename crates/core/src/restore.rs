@@ -433,6 +433,10 @@ impl FileWriter<'_> {
                 .with_context(|| format!("setting the length of {}", dest.display()))?;
             self.progress.advance(short);
         }
+        // The disk writes this file while later ones are decoded, instead of every file at the
+        // final syncfs (restore of the bench cluster: 1.5 s -> 1.1 s; an fsync per file, as
+        // pgBackRest does, came to 1.3 s).
+        pgkeep_repo::start_writeback(&file);
         drop(file);
         set_attributes(&dest, f)?;
         Ok(Written::Bytes(len))

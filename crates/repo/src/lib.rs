@@ -19,7 +19,7 @@ mod memory;
 mod stream;
 mod transfer;
 
-pub use local::LocalStorage;
+pub use local::{start_writeback, LocalStorage};
 pub use memory::MemoryStorage;
 pub use stream::{CompressWriter, DecompressReader, Digest, FrameError, BLOCK_SIZE};
 pub use transfer::{

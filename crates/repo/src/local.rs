@@ -387,7 +387,7 @@ fn is_absent(e: &io::Error) -> bool {
 /// runs short, so the disk works while more is being produced and a later fsync or syncfs has
 /// little left to wait for. Only a hint: errors surface at that fsync.
 #[cfg(target_os = "linux")]
-fn start_writeback(file: &File) {
+pub fn start_writeback(file: &File) {
     // SAFETY: a plain system call on a descriptor `file` keeps open; it reads no memory of ours.
     unsafe {
         libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
@@ -395,7 +395,7 @@ fn start_writeback(file: &File) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &File) {}
+pub fn start_writeback(_file: &File) {}
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -500,6 +500,9 @@ struct Placer<'a> {
     writing: Mutex<()>,
 }
 
+/// How many bytes `Placer` writes between starting the writeback of its file.
+const WRITEBACK_EVERY: u64 = 16 << 20;
+
 /// One block as stored, on its way to a decoding thread: `buf[..len]`, block number `index`.
 struct Packed {
     index: usize,
@@ -661,11 +664,17 @@ impl Placer<'_> {
             .len()
             .min(usize::try_from(below_cap).unwrap_or(usize::MAX));
         if take > 0 {
-            let _turn = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-            self.dst
-                .write_all_at(&bytes[..take], at)
-                .map_err(|e| destination(self.key, e))?;
-            self.reported.fetch_add(take as u64, Ordering::Relaxed);
+            let before = {
+                let _turn = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+                self.dst
+                    .write_all_at(&bytes[..take], at)
+                    .map_err(|e| destination(self.key, e))?;
+                self.reported.fetch_add(take as u64, Ordering::Relaxed)
+            };
+            if before / WRITEBACK_EVERY != (before + take as u64) / WRITEBACK_EVERY {
+                // A big file would otherwise reach the disk only at the restore's final sync.
+                crate::start_writeback(self.dst);
+            }
             (self.on_bytes)(take as u64);
         }
         Ok(Decoded {
