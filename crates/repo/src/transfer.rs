@@ -1,7 +1,7 @@
 //! Whole-object moves between byte streams and a `Storage`: compressed stores and verified fetches.
 //!
-//! `store_compressed` is the hot path of archive-push. SHA-256 and CRC-32C together cost about
-//! two thirds of lz4, and SHA-256 cannot be split, so a source longer than one block goes
+//! `store_compressed` is the hot path of archive-push. SHA-256 and CRC-32C together cost nearly
+//! as much as lz4, and SHA-256 cannot be split, so a source longer than one block goes
 //! through a `Line` worked by two threads: one hashes in order, and both compress whichever
 //! block is next, so a 16 MiB WAL segment takes roughly half its total CPU time.
 //!
@@ -192,9 +192,9 @@ const SLOTS: usize = 4;
 /// only on that block. So the work is not split by kind: a thread that comes free takes the
 /// most urgent step any block is ready for (writing, then hashing, then reading, then
 /// compressing), and the other thread does the same. SHA-256, which cannot be split and costs
-/// about two thirds of lz4 on WAL, so runs almost without pause while both threads share the
-/// compressing; a fixed split (one thread reading and compressing, the other hashing) left the
-/// hasher idle a third of the time.
+/// nearly as much as lz4 at WAL's acceleration, so runs almost without pause while both threads
+/// share the compressing; a fixed split (one thread reading and compressing, the other
+/// hashing) left the hasher idle a third of the time.
 struct Line<'a> {
     key: &'a str,
     shared: Mutex<Shared<'a>>,
