@@ -550,17 +550,15 @@ impl Bench {
                 // PostgreSQL hands archive_command a segment it has just written, so its pages
                 // are in memory; a sample copied minutes ago may have been reclaimed since.
                 warm_page_cache(seg)?;
-                let m = if i == 0 {
-                    self.quiet_checked(
-                        "pgkeep archive-push",
-                        &mut self.pgkeep_cmd(&kconf, &["archive-push", path(seg)]),
-                    )?
+                let (what, mut push) = if i == 0 {
+                    let args = ["archive-push", path(seg)];
+                    ("pgkeep archive-push", self.pgkeep_cmd(&kconf, &args))
                 } else {
-                    self.quiet_checked(
-                        "pgBackRest archive-push",
-                        &mut self.pgbr_cmd(&bconf, PUSH_STANZA, &["archive-push", path(seg)]),
-                    )?
+                    let args = ["archive-push", path(seg)];
+                    let cmd = self.pgbr_cmd(&bconf, PUSH_STANZA, &args);
+                    ("pgBackRest archive-push", cmd)
                 };
+                let m = self.quiet_checked(what, &mut push)?;
                 wall[i] += m.wall;
                 rss[i] = rss[i].max(m.peak_rss);
             }
@@ -1151,8 +1149,7 @@ fn disk_writes() -> Option<(u64, u64)> {
     for line in stats.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         let whole_disk = f.get(2).is_some_and(|name| {
-            !name.starts_with("loop")
-                && !name.starts_with("ram")
+            !["loop", "ram", "zram"].iter().any(|p| name.starts_with(p))
                 && fs::metadata(format!("/sys/block/{name}")).is_ok()
         });
         if f.len() > 11 && whole_disk {

@@ -342,13 +342,10 @@ impl<'a> Line<'a> {
                 s
             }
             Step::Read(i, src, mut raw) => {
-                let filled = match Arc::get_mut(&mut raw) {
-                    Some(buf) => {
-                        buf.resize(BLOCK_SIZE, 0);
-                        fill(self.key, src, buf)
-                    }
-                    None => Err(helper_gone(self.key)),
-                };
+                // Unshared by now (see `Slot::raw`), so this copies nothing.
+                let buf = Arc::make_mut(&mut raw);
+                buf.resize(BLOCK_SIZE, 0);
+                let filled = fill(self.key, src, buf);
                 let mut s = self.lock();
                 s.src = Some(src);
                 let slot = &mut s.slots[i % SLOTS];
