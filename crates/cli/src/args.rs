@@ -120,6 +120,10 @@ pub struct RestoreArgs {
     /// Restore tablespace OID into DIR instead of its original location (repeatable).
     #[arg(long = "tablespace-map", value_name = "OID=DIR")]
     pub tablespace_map: Vec<String>,
+    /// Put pg_wal in DIR (an empty or new directory) and link it from the data directory;
+    /// without it pg_wal is a plain directory inside --pgdata, whatever the source had.
+    #[arg(long, value_name = "DIR")]
+    pub waldir: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]

@@ -65,6 +65,12 @@ pub fn restore_options(raw: RestoreArgs) -> Result<RestoreOptions, ConfigError> 
         }
         tablespace_map.insert(oid, dir);
     }
+    if let Some(dir) = raw.waldir.as_ref().filter(|d| !d.is_absolute()) {
+        return Err(usage(format!(
+            "--waldir {}: the directory must be an absolute path",
+            dir.display()
+        )));
+    }
     let pgdata = if raw.pgdata.is_absolute() {
         raw.pgdata
     } else {
@@ -85,6 +91,7 @@ pub fn restore_options(raw: RestoreArgs) -> Result<RestoreOptions, ConfigError> 
         delta: raw.delta,
         jobs: raw.jobs,
         tablespace_map,
+        waldir: raw.waldir,
     })
 }
 

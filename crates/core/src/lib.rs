@@ -11,6 +11,7 @@ pub(crate) mod chain;
 pub mod check;
 pub mod config;
 pub mod delta;
+pub mod entries;
 pub mod init;
 pub mod lock;
 pub mod parallel;

@@ -25,6 +25,7 @@ use pgkeep_repo::{fetch_decompressed, get_bytes, keys, LocalStorage, Storage};
 use crate::archive::wal_kind;
 use crate::backup::{BACKUP_INI, MANIFEST};
 use crate::config::Config;
+use crate::entries::check_entries;
 use crate::lock::BackupLock;
 use crate::parallel;
 use crate::progress::Progress;
@@ -186,6 +187,7 @@ fn read_backups(
         }
         let files = match read_text(storage, &keys::backup_meta(&label, MANIFEST))
             .and_then(|t| meta::parse_manifest(&t).map_err(|e| anyhow!(e)))
+            .and_then(|files| check_entries(&label, &files).map(|()| files))
         {
             Ok(files) => files,
             Err(e) => {

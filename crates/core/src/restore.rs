@@ -10,7 +10,7 @@
 //! page delta in order, and cut to the length the restored backup recorded. Only the files the
 //! restored backup lists are written.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
 use pgkeep_catalog::{BackupRecord, BackupStatus, Catalog, FileKind, FileRecord};
-use pgkeep_pg::{Lsn, TimelineId};
+use pgkeep_pg::{ControlFile, Lsn, TimelineId};
 use pgkeep_repo::{
     fetch_decompressed, fetch_decompressed_at, get_bytes, keys, DecompressReader, StorageError,
 };
@@ -31,6 +31,7 @@ use crate::backup::{file_size, needed_segments, BACKUP_LABEL, TABLESPACE_MAP};
 use crate::chain::{delta_error, Chain, Layer};
 use crate::config::Config;
 use crate::delta::DeltaReader;
+use crate::entries::{check_entries, tablespace_oid};
 use crate::parallel;
 use crate::progress::Progress;
 use crate::repo::Repo;
@@ -98,6 +99,8 @@ pub struct RestoreOptions {
     pub jobs: Option<usize>,
     /// Tablespace OID -> new location.
     pub tablespace_map: BTreeMap<u32, PathBuf>,
+    /// Where pg_wal goes (linked from the data directory); None = a plain directory inside it.
+    pub waldir: Option<PathBuf>,
 }
 
 /// What a restore did.
@@ -126,10 +129,14 @@ pub fn restore(
     }
     let backup = choose_backup(&repo.catalog, opts)?;
     let chain = Chain::load(&repo.catalog, &backup)?;
-    check_wal(&repo, &backup)?;
-    check_target_dir(&opts.pgdata, opts.delta)?;
-
     let files = &chain.newest;
+    check_entries(&backup.label, files)?;
+    check_wal(&repo, &backup)?;
+    let pgdata = &opts.pgdata;
+    let layout = Layout::plan(files, opts)?;
+    check_target_dir(pgdata, opts.delta, repo.identity.system_identifier)?;
+    layout.check_locations(pgdata, opts.delta)?;
+
     let storage = repo.storage();
     let label_file = get_bytes(storage, &keys::backup_meta(&backup.label, BACKUP_LABEL))
         .with_context(|| format!("reading backup_label of backup {}", backup.label))?;
@@ -141,7 +148,7 @@ pub fn restore(
     };
     let root_owner = files
         .iter()
-        .find(|f| f.path == "global/pg_control")
+        .find(|f| f.path == CONTROL_FILE)
         .map(|f| (f.uid, f.gid))
         .ok_or_else(|| {
             anyhow!(
@@ -150,39 +157,60 @@ pub fn restore(
             )
         })?;
 
-    let pgdata = &opts.pgdata;
     create_dir(pgdata, 0o700, Some(root_owner))?;
-    let in_backup: HashSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    // Opened before anything is written: syncfs reports the write errors of the filesystem
+    // since its descriptor was opened, and writeback starts while files are still being written.
+    let mut syncs = vec![FsSync::open(pgdata)?];
     if opts.delta {
-        remove_extraneous(pgdata, &in_backup)?;
+        // The old copy's pg_control goes first, so a delta restore interrupted at any point
+        // leaves a directory PostgreSQL refuses to start, as a fresh one does.
+        remove_control_file(pgdata)?;
+        remove_extraneous(pgdata, files, &layout)?;
     }
-    // Directories (parents sort before children) and tablespace links first.
+    // Directories (parents sort before children), pg_wal and links first.
     let mut tablespace_lines = Vec::new();
     for f in files {
         let dest = pgdata.join(&f.path);
+        if f.path == "pg_wal" {
+            layout.make_wal_dir(pgdata, f)?;
+            continue;
+        }
         match f.kind {
             FileKind::Dir => create_dir(&dest, f.mode, Some((f.uid, f.gid)))?,
             FileKind::Symlink => {
-                let target = link_target(f, &opts.tablespace_map)?;
-                if let Some(oid) = f.path.strip_prefix("pg_tblspc/") {
-                    tablespace_lines.push(format!("{oid} {}", target.display()));
-                    create_dir(&target, 0o700, Some((f.uid, f.gid)))?;
-                }
-                if fs::symlink_metadata(&dest).is_ok() {
-                    fs::remove_file(&dest)
-                        .with_context(|| format!("replacing link {}", dest.display()))?;
-                }
-                std::os::unix::fs::symlink(&target, &dest)
-                    .with_context(|| format!("creating link {}", dest.display()))?;
-                chown(&dest, f.uid, f.gid, true)?;
+                let target = match tablespace_oid(&f.path) {
+                    Some(oid) => {
+                        let target = layout.tablespace(oid)?;
+                        tablespace_lines.push(format!("{oid} {}", target.display()));
+                        create_dir(target, 0o700, Some((f.uid, f.gid)))?;
+                        syncs.push(FsSync::open(target)?);
+                        target.clone()
+                    }
+                    None => f
+                        .link_target
+                        .as_ref()
+                        .map(PathBuf::from)
+                        .ok_or_else(|| anyhow!("link {} has no target recorded", f.path))?,
+                };
+                replace_link(&target, &dest, f)?;
             }
             FileKind::File => {}
         }
     }
+    // pg_wal/archive_status is not in a backup whose pg_wal was a link.
+    if let Some(waldir) = &layout.waldir {
+        syncs.push(FsSync::open(waldir)?);
+    }
+    create_dir(
+        &pgdata.join("pg_wal/archive_status"),
+        0o700,
+        Some(root_owner),
+    )?;
+
     let (control, mut todo): (Vec<&FileRecord>, Vec<&FileRecord>) = files
         .iter()
         .filter(|f| f.kind == FileKind::File)
-        .partition(|f| f.path == "global/pg_control");
+        .partition(|f| f.path == CONTROL_FILE);
     let block_size = backup.block_size;
     todo.sort_by_key(|f| std::cmp::Reverse(file_size(f, block_size)));
     let total: u64 = todo.iter().map(|f| file_size(f, block_size)).sum();
@@ -194,12 +222,14 @@ pub fn restore(
     let writer = FileWriter {
         repo: &repo,
         chain: &chain,
-        pgdata,
         delta: opts.delta,
+        fsync_each: !syncfs_reports_errors(),
         jobs,
         progress,
     };
-    let results = parallel::for_each(&todo, jobs, |f, buf| writer.write(f, buf))?;
+    let results = parallel::for_each(&todo, jobs, |f, buf| {
+        writer.write(f, &pgdata.join(&f.path), buf)
+    })?;
     progress.finish();
 
     // backup_label and tablespace_map at the root; recovery settings; pg_control last.
@@ -212,12 +242,15 @@ pub fn restore(
         write_small(pgdata, "tablespace_map", text.as_bytes(), root_owner)?;
     }
     write_recovery_settings(cfg, opts, root_owner)?;
-    let mut buf = vec![0u8; parallel::BUF_SIZE];
-    let control_written = writer.write(control[0], &mut buf)?;
-    sync_filesystem(pgdata)?;
-    for target in opts.tablespace_map.values() {
-        sync_filesystem(target)?;
+    // Everything else is durable before pg_control exists, and pg_control is durable when
+    // restore returns: a crash at any instant leaves a complete copy or one that cannot start.
+    if writer.fsync_each {
+        sync_dirs(pgdata, files, &layout)?;
     }
+    for s in &syncs {
+        s.sync()?;
+    }
+    let control_written = write_control_file(&writer, control[0], pgdata)?;
     let written = results.iter().chain(std::iter::once(&control_written));
     let (mut files_written, mut files_kept, mut bytes_written) = (0, 0, 0);
     for w in written {
@@ -236,6 +269,216 @@ pub fn restore(
         bytes_written,
         elapsed: started.elapsed(),
     })
+}
+
+const CONTROL_FILE: &str = "global/pg_control";
+
+/// Where a restore puts what lies outside the data directory: tablespaces and pg_wal.
+struct Layout {
+    /// Tablespace OID -> location: the --tablespace-map entry, else the recorded link target.
+    tablespaces: BTreeMap<u32, PathBuf>,
+    /// --waldir; None = pg_wal is a plain directory in the data directory.
+    waldir: Option<PathBuf>,
+}
+
+impl Layout {
+    fn plan(files: &[FileRecord], opts: &RestoreOptions) -> Result<Layout> {
+        let mut tablespaces = BTreeMap::new();
+        for f in files.iter().filter(|f| f.kind == FileKind::Symlink) {
+            let Some(oid) = tablespace_oid(&f.path) else {
+                continue;
+            };
+            let dir =
+                match opts.tablespace_map.get(&oid) {
+                    Some(dir) => dir.clone(),
+                    None => f.link_target.as_ref().map(PathBuf::from).ok_or_else(|| {
+                        anyhow!("tablespace link {} has no target recorded", f.path)
+                    })?,
+                };
+            tablespaces.insert(oid, dir);
+        }
+        if let Some(oid) = opts
+            .tablespace_map
+            .keys()
+            .find(|o| !tablespaces.contains_key(o))
+        {
+            bail!(
+                "--tablespace-map {oid}=...: backup has no tablespace {oid} (it has {})",
+                if tablespaces.is_empty() {
+                    "none".to_string()
+                } else {
+                    tablespaces
+                        .keys()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+        }
+        let layout = Layout {
+            tablespaces,
+            waldir: opts.waldir.clone(),
+        };
+        let mut seen: Vec<(&Path, String)> = vec![(&opts.pgdata, "--pgdata".to_string())];
+        for (what, dir) in layout.locations() {
+            if let Some((_, other)) = seen
+                .iter()
+                .find(|(p, _)| p.starts_with(dir) || dir.starts_with(p))
+            {
+                bail!(
+                    "{what} would go to {}, which overlaps {other}: give each its own directory (--tablespace-map OID=DIR, --waldir DIR)",
+                    dir.display()
+                );
+            }
+            seen.push((dir, what));
+        }
+        Ok(layout)
+    }
+
+    /// Each location outside the data directory, named for messages.
+    fn locations(&self) -> Vec<(String, &Path)> {
+        let mut out: Vec<(String, &Path)> = self
+            .tablespaces
+            .iter()
+            .map(|(oid, dir)| (format!("tablespace {oid}"), dir.as_path()))
+            .collect();
+        if let Some(w) = &self.waldir {
+            out.push(("the WAL directory".to_string(), w.as_path()));
+        }
+        out
+    }
+
+    fn tablespace(&self, oid: u32) -> Result<&PathBuf> {
+        self.tablespaces
+            .get(&oid)
+            .ok_or_else(|| anyhow!("tablespace {oid} has no planned location"))
+    }
+
+    /// Like the data directory itself, a location must be empty or new: a tablespace's recorded
+    /// location on this host is most likely the live cluster's. `--delta` reuses a non-empty one
+    /// only when the data directory being restored over already links to it.
+    fn check_locations(&self, pgdata: &Path, delta: bool) -> Result<()> {
+        for (oid, dir) in &self.tablespaces {
+            let link = pgdata.join(format!("pg_tblspc/{oid}"));
+            let reusable = delta && links_to(&link, dir);
+            if !reusable && !is_empty_or_absent(dir)? {
+                bail!(
+                    "tablespace {oid} would be restored into {}, which is not empty (it may belong to a running cluster): map it to an empty directory with --tablespace-map {oid}=DIR{}",
+                    dir.display(),
+                    if delta { "; --delta reuses only the directory --pgdata already links to" } else { "" }
+                );
+            }
+        }
+        if let Some(dir) = &self.waldir {
+            let reusable = delta && links_to(&pgdata.join("pg_wal"), dir);
+            if !reusable && !is_empty_or_absent(dir)? {
+                bail!(
+                    "WAL directory {} is not empty (it may belong to a running cluster): give --waldir an empty or new directory",
+                    dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// pg_wal as a plain directory, or a link to --waldir.
+    fn make_wal_dir(&self, pgdata: &Path, f: &FileRecord) -> Result<()> {
+        let dest = pgdata.join("pg_wal");
+        match &self.waldir {
+            None => {
+                if fs::symlink_metadata(&dest).is_ok_and(|m| m.file_type().is_symlink()) {
+                    fs::remove_file(&dest)
+                        .with_context(|| format!("replacing link {}", dest.display()))?;
+                }
+                create_dir(&dest, 0o700, Some((f.uid, f.gid)))
+            }
+            Some(dir) => {
+                create_dir(dir, 0o700, Some((f.uid, f.gid)))?;
+                if fs::symlink_metadata(&dest).is_ok_and(|m| m.file_type().is_dir()) {
+                    fs::remove_dir_all(&dest)
+                        .with_context(|| format!("replacing directory {}", dest.display()))?;
+                }
+                replace_link(dir, &dest, f)
+            }
+        }
+    }
+
+    /// What restore puts at `rel` when it is pg_wal or a tablespace link.
+    fn special(&self, rel: &str) -> Option<Option<&Path>> {
+        if rel == "pg_wal" {
+            return Some(self.waldir.as_deref());
+        }
+        let oid = tablespace_oid(rel)?;
+        self.tablespaces.get(&oid).map(|d| Some(d.as_path()))
+    }
+}
+
+/// True when `dir` does not exist or is an empty directory.
+fn is_empty_or_absent(dir: &Path) -> Result<bool> {
+    match fs::read_dir(dir) {
+        Ok(mut d) => Ok(d.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
+    }
+}
+
+/// True when `link` is a symbolic link to the directory `dir`.
+fn links_to(link: &Path, dir: &Path) -> bool {
+    let is_link = fs::symlink_metadata(link).is_ok_and(|m| m.file_type().is_symlink());
+    is_link && crate::pg::same_dir(link, dir)
+}
+
+fn replace_link(target: &Path, dest: &Path, f: &FileRecord) -> Result<()> {
+    if fs::symlink_metadata(dest).is_ok() {
+        fs::remove_file(dest).with_context(|| format!("replacing link {}", dest.display()))?;
+    }
+    std::os::unix::fs::symlink(target, dest)
+        .with_context(|| format!("creating link {}", dest.display()))?;
+    chown(dest, f.uid, f.gid, true)
+}
+
+/// Write pg_control under a temporary name, make it durable, rename it into place and make the
+/// rename durable.
+fn write_control_file(writer: &FileWriter, f: &FileRecord, pgdata: &Path) -> Result<Written> {
+    let dest = pgdata.join(CONTROL_FILE);
+    let temp = pgdata.join("global/pg_control.pgkeep-restore");
+    let mut buf = vec![0u8; parallel::BUF_SIZE];
+    let written = writer.write(f, &temp, &mut buf)?;
+    File::open(&temp)
+        .and_then(|file| file.sync_all())
+        .with_context(|| format!("syncing {}", temp.display()))?;
+    fs::rename(&temp, &dest).with_context(|| format!("renaming to {}", dest.display()))?;
+    fsync_dir(&pgdata.join("global"))?;
+    Ok(written)
+}
+
+/// With --delta, before anything else changes: remove the old copy's pg_control, durably.
+fn remove_control_file(pgdata: &Path) -> Result<()> {
+    let path = pgdata.join(CONTROL_FILE);
+    match fs::remove_file(&path) {
+        Ok(()) => fsync_dir(&pgdata.join("global")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// Where syncfs cannot report write errors, files are fsynced one by one as they are written;
+/// their directories are fsynced here.
+fn sync_dirs(pgdata: &Path, files: &[FileRecord], layout: &Layout) -> Result<()> {
+    fsync_dir(pgdata)?;
+    for f in files.iter().filter(|f| f.kind == FileKind::Dir) {
+        fsync_dir(&pgdata.join(&f.path))?;
+    }
+    for (_, dir) in layout.locations() {
+        fsync_dir(dir)?;
+    }
+    fsync_dir(&pgdata.join("pg_wal/archive_status"))
 }
 
 /// The backup to restore: the named one, or the newest restorable one that can reach the target.
@@ -332,7 +575,9 @@ fn check_wal(repo: &Repo, b: &BackupRecord) -> Result<()> {
     Ok(())
 }
 
-fn check_target_dir(pgdata: &Path, delta: bool) -> Result<()> {
+/// The data directory must be empty or new; with --delta it may hold a stopped copy of this
+/// cluster (or what an interrupted restore left, which has no pg_control yet).
+fn check_target_dir(pgdata: &Path, delta: bool, system_identifier: u64) -> Result<()> {
     let pid_file = pgdata.join("postmaster.pid");
     if let Ok(text) = fs::read_to_string(&pid_file) {
         let pid: u32 = text
@@ -347,33 +592,82 @@ fn check_target_dir(pgdata: &Path, delta: bool) -> Result<()> {
             );
         }
     }
-    match fs::read_dir(pgdata) {
-        Ok(mut d) => {
-            if d.next().is_some() && !delta {
+    if is_empty_or_absent(pgdata)? {
+        return Ok(());
+    }
+    if !delta {
+        bail!(
+            "directory {} is not empty: restore into an empty or new directory, or pass --delta to reuse its files",
+            pgdata.display()
+        );
+    }
+    let control = pgdata.join(CONTROL_FILE);
+    match fs::read(&control) {
+        Ok(bytes) => {
+            let found = ControlFile::parse(&bytes).with_context(|| {
+                format!(
+                    "--delta reuses only a copy of this cluster, and {} cannot be read: restore into an empty directory",
+                    control.display()
+                )
+            })?;
+            if found.system_identifier != system_identifier {
                 bail!(
-                    "directory {} is not empty: restore into an empty or new directory, or pass --delta to reuse its files",
+                    "--delta reuses only a copy of this cluster: {} holds system identifier {}, the repository {system_identifier}; restore into an empty directory",
+                    pgdata.display(),
+                    found.system_identifier
+                );
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !pgdata.join("PG_VERSION").is_file() {
+                bail!(
+                    "--delta reuses only a copy of this cluster, and {} holds no PostgreSQL data directory: restore into an empty directory",
                     pgdata.display()
                 );
             }
-            Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", pgdata.display())),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", control.display())),
+    }
+    Ok(())
+}
+
+/// A descriptor of a directory opened before a restore writes under it; `sync` makes the whole
+/// filesystem durable and reports every write error since the descriptor was opened (syncfs(2)
+/// samples the filesystem's error state at open).
+struct FsSync {
+    dir: File,
+    path: PathBuf,
+}
+
+impl FsSync {
+    fn open(path: &Path) -> Result<FsSync> {
+        let dir = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(FsSync {
+            dir,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        // SAFETY: syncfs on a descriptor we own.
+        if unsafe { libc::syncfs(self.dir.as_raw_fd()) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("syncing the filesystem of {}", self.path.display()));
+        }
+        Ok(())
     }
 }
 
-fn link_target(f: &FileRecord, remap: &BTreeMap<u32, PathBuf>) -> Result<PathBuf> {
-    let oid: Option<u32> = f
-        .path
-        .strip_prefix("pg_tblspc/")
-        .and_then(|o| o.parse().ok());
-    if let Some(new) = oid.and_then(|o| remap.get(&o)) {
-        return Ok(new.clone());
-    }
-    f.link_target
-        .as_ref()
-        .map(PathBuf::from)
-        .ok_or_else(|| anyhow!("link {} has no target recorded", f.path))
+/// syncfs(2) reports writeback errors only since Linux 5.8; before, it returns 0 whatever
+/// happened, so each file must be fsynced instead.
+fn syncfs_reports_errors() -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    version >= (5, 8)
 }
 
 enum Written {
@@ -384,8 +678,9 @@ enum Written {
 struct FileWriter<'a> {
     repo: &'a Repo,
     chain: &'a Chain,
-    pgdata: &'a Path,
     delta: bool,
+    /// fsync each file as it is written (where syncfs cannot report errors).
+    fsync_each: bool,
     /// Threads a big file's whole copy is decoded on, besides the pool's.
     jobs: usize,
     progress: &'a dyn Progress,
@@ -397,11 +692,12 @@ struct FileWriter<'a> {
 const PARALLEL_BASE: u64 = 8 << 20;
 
 impl FileWriter<'_> {
-    fn write(&self, f: &FileRecord, buf: &mut [u8]) -> Result<Written> {
-        let dest = self.pgdata.join(&f.path);
+    /// Write the file `f` describes at `dest` (its place under the data directory, or a
+    /// temporary name for pg_control).
+    fn write(&self, f: &FileRecord, dest: &Path, buf: &mut [u8]) -> Result<Written> {
         let len = file_size(f, self.chain.block_size);
-        if self.delta && same_content(&dest, f, len, buf)? {
-            set_attributes(&dest, f)?;
+        if self.delta && same_content(dest, f, len, buf)? {
+            set_attributes(dest, f)?;
             self.progress.advance(len);
             return Ok(Written::Kept);
         }
@@ -415,7 +711,9 @@ impl FileWriter<'_> {
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&dest)
+            // Never through a link: a data file's path names a file of the data directory.
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(dest)
             .with_context(|| format!("creating {}", dest.display()))?;
         let short = self
             .write_base(&source.base, &mut file, len)
@@ -436,9 +734,14 @@ impl FileWriter<'_> {
         // The disk writes this file while later ones are decoded, instead of every file at the
         // final syncfs (restore of the bench cluster: 1.5 s -> 1.1 s; an fsync per file, as
         // pgBackRest does, came to 1.3 s).
-        pgkeep_repo::start_writeback(&file);
+        if self.fsync_each {
+            file.sync_all()
+                .with_context(|| format!("syncing {}", dest.display()))?;
+        } else {
+            pgkeep_repo::start_writeback(&file);
+        }
         drop(file);
-        set_attributes(&dest, f)?;
+        set_attributes(dest, f)?;
         Ok(Written::Bytes(len))
     }
 
@@ -602,9 +905,12 @@ fn write_small(pgdata: &Path, name: &str, bytes: &[u8], owner: (u32, u32)) -> Re
     chown(&path, owner.0, owner.1, false)
 }
 
-/// With --delta: remove what the backup does not have (walking without following links, so
-/// tablespace contents are judged by their pg_tblspc paths).
-fn remove_extraneous(pgdata: &Path, keep: &HashSet<&str>) -> Result<()> {
+/// With --delta: remove what the backup does not have, and whatever has another kind than the
+/// backup's entry (a link where a directory or file belongs is removed, never followed). Links
+/// are descended only into the locations `layout` planned (and `check_locations` accepted), so
+/// contents elsewhere are never judged, let alone removed.
+fn remove_extraneous(pgdata: &Path, files: &[FileRecord], layout: &Layout) -> Result<()> {
+    let kinds: HashMap<&str, FileKind> = files.iter().map(|f| (f.path.as_str(), f.kind)).collect();
     let mut stack = vec![pgdata.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -616,9 +922,17 @@ fn remove_extraneous(pgdata: &Path, keep: &HashSet<&str>) -> Result<()> {
                 .to_string_lossy()
                 .into_owned();
             let ft = entry.file_type()?;
-            let kept = keep.contains(rel.as_str());
-            if kept {
-                if ft.is_dir() || (ft.is_symlink() && rel.starts_with("pg_tblspc/")) {
+            let keep = match (layout.special(&rel), kinds.get(rel.as_str())) {
+                // pg_wal as a plain directory, or a link to the planned WAL directory.
+                (Some(None), Some(_)) => ft.is_dir(),
+                (Some(Some(target)), Some(_)) => ft.is_symlink() && links_to(&path, target),
+                (_, Some(FileKind::Dir)) => ft.is_dir(),
+                (_, Some(FileKind::File)) => ft.is_file(),
+                (_, Some(FileKind::Symlink)) => ft.is_symlink(),
+                (_, None) => false,
+            };
+            if keep {
+                if ft.is_dir() || ft.is_symlink() && layout.special(&rel).is_some() {
                     stack.push(path);
                 }
             } else if ft.is_dir() {
@@ -655,11 +969,12 @@ fn write_recovery_settings(cfg: &Config, opts: &RestoreOptions, owner: (u32, u32
         }
     }
     let exe = std::env::current_exe().context("locating the pgkeep binary for restore_command")?;
+    let config = std::path::absolute(&cfg.config_path)
+        .with_context(|| format!("locating config {}", cfg.config_path.display()))?;
     text.push_str(&format!("{BLOCK_BEGIN}\n"));
     text.push_str(&format!(
-        "restore_command = '{} --config {} archive-get %f \"%p\"'\n",
-        quote(&exe.display().to_string()),
-        quote(&cfg.config_path.display().to_string())
+        "restore_command = {}\n",
+        conf_string(&restore_command(&exe, &config)?)
     ));
     let target = match &opts.target {
         RecoveryTarget::EndOfArchive => None,
@@ -670,7 +985,7 @@ fn write_recovery_settings(cfg: &Config, opts: &RestoreOptions, owner: (u32, u32
         )),
         RecoveryTarget::Lsn(l) => Some(format!("recovery_target_lsn = '{l}'")),
         RecoveryTarget::Xid(x) => Some(format!("recovery_target_xid = '{x}'")),
-        RecoveryTarget::Name(n) => Some(format!("recovery_target_name = '{}'", quote(n))),
+        RecoveryTarget::Name(n) => Some(format!("recovery_target_name = {}", conf_string(n))),
     };
     if let Some(t) = target {
         text.push_str(&t);
@@ -689,22 +1004,121 @@ fn write_recovery_settings(cfg: &Config, opts: &RestoreOptions, owner: (u32, u32
     chown(&auto, owner.0, owner.1, false)
 }
 
-/// Quote for a single-quoted postgresql.conf value.
-fn quote(s: &str) -> String {
-    s.replace('\'', "''")
+/// The restore_command that runs this pgkeep with this config: each path quoted for the shell
+/// PostgreSQL runs it with, and its `%` doubled so PostgreSQL does not read them as `%f`/`%p`.
+fn restore_command(exe: &Path, config: &Path) -> Result<String> {
+    let word = |p: &Path| -> Result<String> {
+        let s = p
+            .to_str()
+            .filter(|s| !s.contains(['\n', '\r', '\0']))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{} cannot be written into restore_command (not UTF-8, or holds a line break): move it",
+                    p.display()
+                )
+            })?;
+        Ok(shell_word(s).replace('%', "%%"))
+    };
+    Ok(format!(
+        "{} --config {} archive-get %f \"%p\"",
+        word(exe)?,
+        word(config)?
+    ))
+}
+
+/// `s` as one word for a POSIX shell: as is when it holds only harmless characters, else in
+/// single quotes (a quote inside becomes `'\''`).
+fn shell_word(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@=%".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// `s` as a single-quoted postgresql.conf string: PostgreSQL's parser reads `''` as a quote
+/// and processes backslash escapes, so both are escaped.
+fn conf_string(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-/// Make everything written under `path` durable: one syncfs of its filesystem.
-fn sync_filesystem(path: &Path) -> Result<()> {
-    let dir = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: syncfs on a descriptor we own.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("syncing {}", path.display()));
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// What PostgreSQL does with the setting: read the conf string, expand %f, %p and %%, and
+    /// run the result with `sh -c`.
+    fn run_as_postgresql_would(setting: &str, wal: &str, dest: &str) -> String {
+        let inner = setting
+            .strip_prefix('\'')
+            .and_then(|s| s.strip_suffix('\''))
+            .unwrap();
+        let (mut value, mut chars) = (String::new(), inner.chars().peekable());
+        while let Some(c) = chars.next() {
+            match c {
+                '\'' => value.push(chars.next().unwrap()),
+                '\\' => value.push(chars.next().unwrap()),
+                c => value.push(c),
+            }
+        }
+        let (mut cmd, mut chars) = (String::new(), value.chars().peekable());
+        while let Some(c) = chars.next() {
+            match (c, chars.peek()) {
+                ('%', Some('f')) => cmd.push_str(wal),
+                ('%', Some('p')) => cmd.push_str(dest),
+                ('%', Some('%')) => cmd.push('%'),
+                _ => {
+                    cmd.push(c);
+                    continue;
+                }
+            }
+            chars.next();
+        }
+        let out = std::process::Command::new("sh")
+            .args(["-c", &cmd])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
     }
-    Ok(())
+
+    #[test]
+    fn restore_command_survives_spaces_quotes_backslashes_and_percents() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin_dir = dir.path().join("my bin's \\ 50%f");
+        fs::create_dir(&bin_dir).unwrap();
+        let exe = bin_dir.join("pgkeep");
+        fs::write(&exe, "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n").unwrap();
+        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+        let config = dir.path().join("conf \"dir\" $HOME/pgkeep.toml");
+        let setting = conf_string(&restore_command(&exe, &config).unwrap());
+        let args =
+            run_as_postgresql_would(&setting, "000000010000000000000003", "pg_wal/RECOVERYXLOG");
+        assert_eq!(
+            args,
+            format!(
+                "--config\n{}\narchive-get\n000000010000000000000003\npg_wal/RECOVERYXLOG\n",
+                config.display()
+            )
+        );
+    }
+
+    #[test]
+    fn plain_paths_stay_readable() {
+        let cmd = restore_command(
+            Path::new("/usr/bin/pgkeep"),
+            Path::new("/etc/pgkeep/pgkeep.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            cmd,
+            "/usr/bin/pgkeep --config /etc/pgkeep/pgkeep.toml archive-get %f \"%p\""
+        );
+        assert!(restore_command(Path::new("/a\nb"), Path::new("/c")).is_err());
+    }
 }

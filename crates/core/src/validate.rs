@@ -641,6 +641,10 @@ fn meta_problems(repo: &Repo, b: &BackupRecord, files: &[FileRecord]) -> Vec<Pro
         }
         Err(reason) => problem(MANIFEST, reason),
     }
+    // The catalog's rows are what restore acts on: they must stay inside the data directory.
+    if let Err(e) = crate::entries::check_entries(&b.label, files) {
+        problem(MANIFEST, format!("{e:#}"));
+    }
     match storage.size(&keys::backup_meta(&b.label, BACKUP_LABEL)) {
         Ok(Some(_)) => {}
         Ok(None) => problem(BACKUP_LABEL, MISSING.to_string()),
