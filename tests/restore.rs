@@ -4,7 +4,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::harness::{Cluster, Run};
+use crate::harness::{tree, Cluster, Run};
 
 /// The server's clock now, as text with an explicit offset.
 fn server_now(cluster: &Cluster) -> String {
@@ -148,26 +148,6 @@ fn assert_one_line(run: &Run, needle: &str) {
     assert_eq!(run.code, Some(1), "{run:?}");
     assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
     assert!(run.stderr.contains(needle), "expected {needle:?}: {run:?}");
-}
-
-/// Every file under `root` with its bytes, by relative path.
-fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            if p.is_dir() {
-                out.push((rel, Vec::new()));
-                stack.push(p);
-            } else {
-                out.push((rel, fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 #[test]

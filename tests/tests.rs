@@ -11,5 +11,6 @@ mod formats;
 mod incremental;
 mod init;
 mod restore;
+mod safety;
 mod tidy;
 mod validate;

@@ -579,3 +579,50 @@ impl Cluster {
         out
     }
 }
+
+/// Every entry under `root` by relative path, with a file's bytes or a link's target (links are
+/// not followed; a directory has no content): equal trees hold the same bytes.
+pub fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let meta = fs::symlink_metadata(&p).unwrap();
+            if meta.file_type().is_symlink() {
+                let target = fs::read_link(&p).unwrap();
+                out.push((rel, format!("-> {}", target.display()).into_bytes()));
+            } else if meta.is_dir() {
+                out.push((rel, Vec::new()));
+                stack.push(p);
+            } else {
+                out.push((rel, fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Start a server on another data directory (a restored copy) with this cluster's settings;
+/// true when it came up. The copy shares the port and socket, so this cluster must be stopped.
+pub fn pg_ctl_start(data: &Path, log: &Path) -> bool {
+    user_command(pg_bin().join("pg_ctl"))
+        .current_dir("/tmp")
+        .args(["-w", "-t", "60", "-D"])
+        .arg(data)
+        .arg("-l")
+        .arg(log)
+        .arg("start")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Stop the server of a data directory started with [`pg_ctl_start`] (fast shutdown).
+pub fn pg_ctl_stop_fast(data: &Path) {
+    pg_ctl_stop(data, "fast");
+}
