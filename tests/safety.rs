@@ -109,8 +109,6 @@ fn a_linked_pg_wal_is_restored_as_the_copys_own_directory() {
     let live_before = tree(&live_wal);
 
     let scratch = cluster.dir.path().join("scratch");
-    let run = restore_into(&cluster, &scratch, &["--waldir", live_wal.to_str().unwrap()]);
-    assert_refused(&run, &[live_wal.to_str().unwrap(), "--waldir"]);
     let run = restore_into(&cluster, &scratch, &[]);
     assert!(run.success(), "{run:?}");
     let meta = fs::symlink_metadata(scratch.join("pg_wal")).unwrap();
@@ -128,8 +126,10 @@ fn a_linked_pg_wal_is_restored_as_the_copys_own_directory() {
     pg_ctl_stop_fast(&scratch);
     assert_eq!(tree(&live_wal), live_before, "the live WAL directory changed");
 
-    // --waldir puts it where asked, linked from the data directory.
+    // --waldir puts it where asked, linked from the data directory, if that place is empty.
     let scratch2 = cluster.dir.path().join("scratch2");
+    let run = restore_into(&cluster, &scratch2, &["--waldir", live_wal.to_str().unwrap()]);
+    assert_refused(&run, &[live_wal.to_str().unwrap(), "--waldir"]);
     let wal2 = cluster.dir.path().join("wal2");
     let run = restore_into(&cluster, &scratch2, &["--waldir", wal2.to_str().unwrap()]);
     assert!(run.success(), "{run:?}");
