@@ -20,6 +20,7 @@ fn full_backup_under_pgbench_load_reaches_done_with_every_field() {
     assert_eq!(b["type"], "full");
     assert_eq!(b["parent"], serde_json::Value::Null);
     assert_eq!(b["timeline"], 1);
+    assert_eq!(b["pg_major"], crate::harness::server_major(), "{b}");
     let start: pgkeep_pg::Lsn = b["start_lsn"].as_str().unwrap().parse().unwrap();
     let stop: pgkeep_pg::Lsn = b["stop_lsn"].as_str().unwrap().parse().unwrap();
     assert!(stop > start, "{b}");

@@ -95,15 +95,7 @@ fn restore_to_its_end(cluster: &Cluster, label: &str, extra: &[&str]) -> Run {
 
 /// pg_amcheck on the running cluster, then pg_checksums on the stopped one: both clean.
 fn check_and_stop(cluster: &mut Cluster) {
-    cluster.pg_tool_ok(
-        "pg_amcheck",
-        &["--all", "--install-missing", "--heapallindexed"],
-    );
-    cluster.stop();
-    cluster.pg_tool_ok(
-        "pg_checksums",
-        &["--check", "-D", cluster.data.to_str().unwrap()],
-    );
+    cluster.check_pages_and_stop();
 }
 
 #[test]

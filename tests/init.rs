@@ -72,3 +72,35 @@ fn show_of_an_unknown_label_is_an_error() {
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stderr.contains("20990101-000000F"), "{run:?}");
 }
+
+#[test]
+fn a_repository_refuses_a_cluster_of_another_major_and_says_to_init_a_new_one() {
+    let cluster = Cluster::new();
+    // What pg_upgrade leaves: the same data directory path, a new major and system identifier.
+    let major = crate::harness::server_major();
+    let db = rusqlite::Connection::open(cluster.repo.join("catalog.db")).unwrap();
+    db.execute(
+        "UPDATE repo_identity SET pg_major = ?1, system_identifier = system_identifier + 1",
+        [major - 1],
+    )
+    .unwrap();
+    drop(db);
+    for sidecar in ["catalog.db-wal", "catalog.db-shm"] {
+        let p = cluster.repo.join(sidecar);
+        if p.exists() {
+            crate::harness::chown_to_postgres(&p);
+        }
+    }
+    for args in [&["backup", "--type", "full"][..], &["init"][..]] {
+        let run = cluster.pgkeep(args);
+        assert_eq!(run.code, Some(1), "{args:?}: {run:?}");
+        assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+        for needle in [
+            format!("PostgreSQL {}", major - 1),
+            format!("PostgreSQL {major}"),
+            "pgkeep init".to_string(),
+        ] {
+            assert!(run.stderr.contains(&needle), "{needle}: {run:?}");
+        }
+    }
+}

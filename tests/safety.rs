@@ -124,11 +124,19 @@ fn a_linked_pg_wal_is_restored_as_the_copys_own_directory() {
         "INSERT INTO t SELECT generate_series(1, 200000); SELECT pg_switch_wal(); CHECKPOINT",
     );
     pg_ctl_stop_fast(&scratch);
-    assert_eq!(tree(&live_wal), live_before, "the live WAL directory changed");
+    assert_eq!(
+        tree(&live_wal),
+        live_before,
+        "the live WAL directory changed"
+    );
 
     // --waldir puts it where asked, linked from the data directory, if that place is empty.
     let scratch2 = cluster.dir.path().join("scratch2");
-    let run = restore_into(&cluster, &scratch2, &["--waldir", live_wal.to_str().unwrap()]);
+    let run = restore_into(
+        &cluster,
+        &scratch2,
+        &["--waldir", live_wal.to_str().unwrap()],
+    );
     assert_refused(&run, &[live_wal.to_str().unwrap(), "--waldir"]);
     let wal2 = cluster.dir.path().join("wal2");
     let run = restore_into(&cluster, &scratch2, &["--waldir", wal2.to_str().unwrap()]);
@@ -244,7 +252,10 @@ fn entries_that_lead_out_of_the_data_directory_are_refused_everywhere() {
     fs::remove_file(cluster.repo.join("catalog.db")).unwrap();
     let run = cluster.pgkeep_ok(&["catalog", "rebuild"]);
     let said = format!("{}{}", run.stdout, run.stderr);
-    assert!(said.contains(&label) && said.contains("base/../../../outside/pwned"), "{run:?}");
+    assert!(
+        said.contains(&label) && said.contains("base/../../../outside/pwned"),
+        "{run:?}"
+    );
     let run = restore_into(&cluster, &dest, &[]);
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(!dest.exists(), "restore wrote {}", dest.display());
@@ -271,13 +282,23 @@ fn every_restored_file_is_durable_before_pg_control_is_written_and_pg_control_af
     let copy_ts = cluster.dir.path().join("copy-ts");
     let trace = cluster.dir.path().join("trace.txt");
     let out = user_command(strace)
-        .args(["-f", "-y", "-e", "trace=syncfs,fsync,fdatasync,rename,renameat,renameat2"])
+        .args([
+            "-f",
+            "-y",
+            "-e",
+            "trace=syncfs,fsync,fdatasync,rename,renameat,renameat2",
+        ])
         .arg("-o")
         .arg(&trace)
         .arg(&cluster.pgkeep_bin)
         .arg("--config")
         .arg(&cluster.config)
-        .args(["restore", "--pgdata", dest.to_str().unwrap(), "--tablespace-map"])
+        .args([
+            "restore",
+            "--pgdata",
+            dest.to_str().unwrap(),
+            "--tablespace-map",
+        ])
         .arg(format!("{oid}={}", copy_ts.display()))
         .output()
         .unwrap();

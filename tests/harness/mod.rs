@@ -14,11 +14,17 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-/// The PostgreSQL server binaries: `$PGKEEP_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`.
+/// The PostgreSQL server binaries (initdb, pg_ctl, postgres): `$PGKEEP_PG_BIN`, else the newest
+/// `/usr/lib/postgresql/*/bin`.
 pub fn pg_bin() -> PathBuf {
     if let Some(dir) = std::env::var_os("PGKEEP_PG_BIN") {
         return PathBuf::from(dir);
     }
+    debian_bin()
+}
+
+/// The newest Debian PostgreSQL `bin` directory, which also has the client tools.
+fn debian_bin() -> PathBuf {
     let mut found: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
         .expect("no /usr/lib/postgresql: install PostgreSQL server packages or set PGKEEP_PG_BIN")
         .filter_map(|e| e.ok())
@@ -33,6 +39,31 @@ pub fn pg_bin() -> PathBuf {
         .pop()
         .map(|(_, b)| b)
         .expect("no PostgreSQL server found under /usr/lib/postgresql: set PGKEEP_PG_BIN")
+}
+
+/// A client program (pgbench, pg_checksums ...): from the server's directory when it has one
+/// (a server-only build such as the version matrix's has none), else from Debian's.
+pub fn pg_client(tool: &str) -> PathBuf {
+    let own = pg_bin().join(tool);
+    if own.exists() {
+        return own;
+    }
+    debian_bin().join(tool)
+}
+
+/// Major version of a PostgreSQL program, from its `--version` line.
+fn major_of(program: &Path) -> u32 {
+    let out = Command::new(program).arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.split('.').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the version of {}: {text}", program.display()))
+}
+
+/// Major version of the server the tests run.
+pub fn server_major() -> u32 {
+    static MAJOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MAJOR.get_or_init(|| major_of(&pg_bin().join("postgres")))
 }
 
 pub fn is_root() -> bool {
@@ -269,7 +300,12 @@ impl Cluster {
             "fsync = off".to_string(),
             "shared_buffers = 64MB".to_string(),
             "max_wal_size = 2GB".to_string(),
-            "wal_keep_size = 2GB".to_string(),
+            // wal_keep_size replaced wal_keep_segments in PostgreSQL 13.
+            if server_major() >= 13 {
+                "wal_keep_size = 2GB".to_string()
+            } else {
+                "wal_keep_segments = 128".to_string()
+            },
             "log_min_messages = warning".to_string(),
         ];
         if opts.archive {
@@ -423,7 +459,7 @@ impl Cluster {
 
     /// Run a PostgreSQL client program (pgbench, pg_checksums ...) against this cluster.
     pub fn pg_tool(&self, tool: &str, args: &[&str]) -> Run {
-        let out = user_command(pg_bin().join(tool))
+        let out = user_command(pg_client(tool))
             .current_dir(self.dir.path())
             .env("PGHOST", &self.sock)
             .env("PGPORT", self.port.to_string())
@@ -434,6 +470,37 @@ impl Cluster {
             .output()
             .unwrap();
         Run::from(out)
+    }
+
+    /// pg_amcheck on the running cluster, then stop it and pg_checksums on its files: both
+    /// clean. A check the tools cannot make on this major is skipped and says so: pg_amcheck
+    /// needs amcheck 1.3 (PostgreSQL 14+), pg_checksums reads only its own major's pg_control.
+    pub fn check_pages_and_stop(&mut self) {
+        if server_major() >= 14 {
+            self.pg_tool_ok(
+                "pg_amcheck",
+                &["--all", "--install-missing", "--heapallindexed"],
+            );
+        } else {
+            eprintln!(
+                "skipped pg_amcheck: PostgreSQL {} has no amcheck 1.3",
+                server_major()
+            );
+        }
+        self.stop();
+        let tool = pg_client("pg_checksums");
+        if major_of(&tool) == server_major() {
+            self.pg_tool_ok(
+                "pg_checksums",
+                &["--check", "-D", self.data.to_str().unwrap()],
+            );
+        } else {
+            eprintln!(
+                "skipped pg_checksums: {} is not for PostgreSQL {}",
+                tool.display(),
+                server_major()
+            );
+        }
     }
 
     pub fn pg_tool_ok(&self, tool: &str, args: &[&str]) -> Run {

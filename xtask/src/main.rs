@@ -2,27 +2,37 @@
 
 mod bench;
 mod demo;
+mod matrix;
 mod sh;
+
+use std::time::Instant;
 
 use anyhow::Result;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("ci") => ci(),
+        Some("ci") => ci(&args[1..]),
         Some("demo") => demo::demo(args.iter().any(|a| a == "--keep")),
         Some("bench") => bench::bench(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | demo [--keep] | bench [--scale S] [--runs N] [--keep]"
+                "usage: cargo xtask ci [--majors 12,18|all|none] | demo [--keep] | bench [--scale S] [--runs N] [--keep]"
             );
             std::process::exit(2);
         }
     }
 }
 
-/// Format check, clippy with warnings as errors, then every test.
-fn ci() -> Result<()> {
+/// Format check, clippy with warnings as errors, every test on Debian's PostgreSQL, then the
+/// matrix subset on each other major (`--majors`, default all).
+fn ci(args: &[String]) -> Result<()> {
+    let majors = match args {
+        [] => matrix::VERSIONS.to_vec(),
+        [flag, list] if flag == "--majors" => matrix::parse_majors(list)?,
+        _ => anyhow::bail!("usage: cargo xtask ci [--majors 12,18|all|none]"),
+    };
+    let started = Instant::now();
     run("cargo", &["fmt", "--all", "--", "--check"])?;
     run(
         "cargo",
@@ -40,14 +50,46 @@ fn ci() -> Result<()> {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    if has_nextest {
+    let mut outcomes = Vec::new();
+    let full = if has_nextest {
         run(
             "cargo",
             &["nextest", "run", "--workspace", "--no-fail-fast"],
         )
     } else {
         run("cargo", &["test", "--workspace", "--no-fail-fast"])
+    };
+    outcomes.push(("whole suite, Debian's PostgreSQL".to_string(), full.is_ok()));
+    for (major, version) in majors {
+        let step = Instant::now();
+        let bin = matrix::install(version)?;
+        eprintln!("== PostgreSQL {major} ({version}): the matrix subset");
+        let mut cmd = std::process::Command::new("cargo");
+        cmd.env("PGKEEP_PG_BIN", &bin);
+        if has_nextest {
+            cmd.args(["nextest", "run", "-p", "pgkeep-cli", "--test", "tests"])
+                .args(["--no-fail-fast", "-E", &matrix::filter()]);
+        } else {
+            cmd.args(["test", "-p", "pgkeep-cli", "--test", "tests", "--"])
+                .arg("--exact")
+                .args(matrix::SUBSET);
+        }
+        let ok = sh::run_checked(&mut cmd).is_ok();
+        eprintln!(
+            "== PostgreSQL {major}: {} in {:.0} s",
+            if ok { "passed" } else { "FAILED" },
+            step.elapsed().as_secs_f64()
+        );
+        outcomes.push((format!("subset, PostgreSQL {major} ({version})"), ok));
     }
+    eprintln!("== ci took {:.0} s", started.elapsed().as_secs_f64());
+    for (what, ok) in &outcomes {
+        eprintln!("   {} {what}", if *ok { "ok  " } else { "FAIL" });
+    }
+    if outcomes.iter().any(|(_, ok)| !ok) {
+        anyhow::bail!("ci failed: see FAIL above");
+    }
+    Ok(())
 }
 
 fn run(program: &str, args: &[&str]) -> Result<()> {

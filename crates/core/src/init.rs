@@ -73,20 +73,21 @@ pub fn check_same_cluster(
     server: &RepoIdentity,
     root: &std::path::Path,
 ) -> Result<()> {
+    // First: after pg_upgrade the system identifier differs too, and the major is what to say.
+    if repo.pg_major != server.pg_major {
+        bail!(
+            "repository {} holds PostgreSQL {} backups but the cluster runs PostgreSQL {}: after a major upgrade, point [repo] at a new repository and run `pgkeep init`",
+            root.display(),
+            repo.pg_major,
+            server.pg_major
+        );
+    }
     if repo.system_identifier != server.system_identifier {
         bail!(
             "repository {} belongs to system identifier {} but the cluster has system identifier {}: use a separate repository path for each cluster",
             root.display(),
             repo.system_identifier,
             server.system_identifier
-        );
-    }
-    if repo.pg_major != server.pg_major {
-        bail!(
-            "repository {} holds PostgreSQL {} backups but the cluster runs PostgreSQL {}: use a new repository after a major upgrade",
-            root.display(),
-            repo.pg_major,
-            server.pg_major
         );
     }
     if repo.block_size != server.block_size || repo.wal_segment_size != server.wal_segment_size {

@@ -100,6 +100,7 @@ fn record_json(b: &BackupRecord) -> Value {
         "stored_bytes": b.stored_bytes,
         "files": b.files,
         "pg_version": b.pg_version_num,
+        "pg_major": b.pg_version_num / 10000,
         "system_identifier": b.system_identifier.to_string(),
         "data_checksums": b.data_checksums,
         "page_checksum_failures": b.page_checksum_failures,
