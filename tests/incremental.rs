@@ -116,8 +116,10 @@ fn a_full_diff_incr_incr_chain_restores_every_backup_to_its_data() {
     execute_db(
         &cluster,
         "src",
-        "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g",
+        "CREATE TABLE t WITH (autovacuum_enabled = off) AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g",
     );
+    // Frozen now, so no later read or vacuum rewrites its pages (hint bits would bump their LSN).
+    execute_db(&cluster, "src", "VACUUM (FREEZE) t");
     cluster.execute("CHECKPOINT");
     let mut taken: Vec<(Value, Vec<(&str, String)>)> = Vec::new();
 
@@ -135,12 +137,18 @@ fn a_full_diff_incr_incr_chain_restores_every_backup_to_its_data() {
     // A table truncated by VACUUM, a dropped table, a database copied file by file from a
     // template whose pages keep their old LSNs.
     let size_before = cluster.query_text("SELECT pg_relation_size('shrinking')::text");
-    cluster.execute(
+    cluster.execute(&format!(
         "DELETE FROM shrinking WHERE id > 1000;
          VACUUM shrinking;
          DROP TABLE doomed;
-         CREATE DATABASE copy TEMPLATE src STRATEGY file_copy",
-    );
+         CREATE DATABASE copy TEMPLATE src{}",
+        // Before 15 a database is always copied file by file; 15 added the WAL_LOG strategy.
+        if crate::harness::server_major() >= 15 {
+            " STRATEGY file_copy"
+        } else {
+            ""
+        }
+    ));
     let size_after = cluster.query_text("SELECT pg_relation_size('shrinking')::text");
     assert!(
         size_after.parse::<u64>().unwrap() < size_before.parse::<u64>().unwrap(),
