@@ -2,9 +2,11 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::harness::{chown_to_postgres, corrupt_stored_object, Cluster, ClusterOptions};
+use crate::harness::{
+    chown_to_postgres, corrupt_stored_object, is_root, user_command, Cluster, ClusterOptions, Run,
+};
 
 /// Names of the segments PostgreSQL marked archived (`.done`), oldest first.
 fn done_segments(cluster: &Cluster) -> Vec<String> {
@@ -212,6 +214,128 @@ fn corrupt_stored_segment_is_refused_by_archive_get() {
     assert!(!dest.exists(), "nothing may be written for a corrupt file");
     let leftovers: Vec<_> = fs::read_dir(dest.parent().unwrap()).unwrap().collect();
     assert!(leftovers.is_empty(), "temp file left behind: {leftovers:?}");
+}
+
+/// Regression (#13, item 3): PostgreSQL reads a restore_command status of 1 to 125 as "no such
+/// file" and ends recovery there. archive-get used to exit 1 for a damaged object too, so the
+/// server promoted without the damaged segment and everything after it.
+#[test]
+fn archive_get_exits_255_on_any_failure_but_a_missing_name() {
+    let cluster = Cluster::new();
+    let name = cluster.switch_wal_and_wait();
+    corrupt_stored_object(&find_stored(&cluster.repo, &name));
+    let (run, dest) = archive_get(&cluster, &name);
+    assert_archive_get_failed(&run, &name, "corrupt");
+    assert!(!dest.exists());
+
+    let (run, _) = archive_get(&cluster, "0000000100000000000000AA");
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.stderr, "", "a missing name must stay quiet: {run:?}");
+
+    let dest = dest.to_str().unwrap();
+    let as_postgres = |args: &[&str]| {
+        let out = user_command(&cluster.pgkeep_bin)
+            .current_dir(cluster.dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        Run::from_output(out)
+    };
+    let missing = "/nonexistent/pgkeep.toml";
+    let run = as_postgres(&["--config", missing, "archive-get", &name, dest]);
+    assert_archive_get_failed(&run, &name, missing);
+    // restore_command with a missing argument.
+    let config = cluster.config.to_str().unwrap();
+    let run = as_postgres(&["--config", config, "archive-get", &name]);
+    assert_archive_get_failed(&run, &name, "required");
+    if is_root() {
+        // The root refusal, which exits 2 for other commands.
+        let out = std::process::Command::new(&cluster.pgkeep_bin)
+            .args(["--config", config, "archive-get", &name, dest])
+            .output()
+            .unwrap();
+        assert_archive_get_failed(&Run::from_output(out), &name, "--allow-root");
+    }
+}
+
+/// Exit 255 and one stderr line naming the WAL file and saying `what`.
+fn assert_archive_get_failed(run: &Run, name: &str, what: &str) {
+    assert_eq!(run.code, Some(255), "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    assert!(
+        run.stderr.contains(name) && run.stderr.contains(what),
+        "stderr should name {name} and say {what:?}: {run:?}"
+    );
+}
+
+/// Regression (#13, item 3), end to end: a restore whose archive holds a damaged segment must
+/// stop in recovery with the segment named in the server log, never promote without it.
+#[test]
+fn recovery_stops_at_a_corrupt_archived_segment_instead_of_promoting_without_it() {
+    let mut cluster = Cluster::new();
+    cluster.execute("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 1000)");
+    cluster.backup("full");
+    cluster.execute("INSERT INTO t SELECT generate_series(1001, 2000)");
+    // The segment holding the second thousand rows, which recovery must replay.
+    let seg = cluster.switch_wal_and_wait();
+    corrupt_stored_object(&find_stored(&cluster.repo, &seg));
+    cluster.stop_and_wipe();
+    let run = cluster.restore(&[]);
+    assert!(run.success(), "{run:?}");
+
+    // pg_ctl start fails when the startup process gives up, as it must here; whatever it
+    // says, the server must not open for writes while it lives.
+    cluster.try_start();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cluster.postmaster_alive() {
+        if let Some(rows) = rows_if_promoted(&cluster) {
+            panic!(
+                "the server promoted with {rows} of 2000 rows instead of stopping at {seg}; server log:\n{}",
+                fs::read_to_string(&cluster.log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server neither stopped nor promoted in 120 s; server log:\n{}",
+            fs::read_to_string(&cluster.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = fs::read_to_string(&cluster.log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("archive-get {seg}")) && l.contains("corrupt")),
+        "the server log should carry archive-get's line naming {seg}:\n{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("FATAL") && l.contains(&seg)),
+        "recovery should stop with a FATAL naming {seg}:\n{log}"
+    );
+}
+
+/// The row count of `t` once the server accepts writes, `None` while it cannot be reached or is
+/// still in recovery.
+fn rows_if_promoted(cluster: &Cluster) -> Option<i64> {
+    let mut client = postgres::Config::new()
+        .host(cluster.sock.to_str().unwrap())
+        .port(cluster.port)
+        .user("postgres")
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(2))
+        .connect(postgres::NoTls)
+        .ok()?;
+    let in_recovery: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .ok()?
+        .get(0);
+    if in_recovery {
+        return None;
+    }
+    Some(
+        client
+            .query_one("SELECT count(*) FROM t", &[])
+            .map_or(-1, |r| r.get(0)),
+    )
 }
 
 /// The repository file holding an archived WAL file.

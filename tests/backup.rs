@@ -1,8 +1,12 @@
 //! `pgkeep backup --type full` against real clusters.
 
+use std::fs;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::harness::{kill_tree, user_command, Cluster};
+use pgkeep_pg::ControlFile;
+
+use crate::harness::{is_root, kill_tree, pg_bin, user_command, Cluster, Run};
 
 #[test]
 fn full_backup_under_pgbench_load_reaches_done_with_every_field() {
@@ -206,4 +210,125 @@ fn backup_whose_wal_never_reaches_the_archive_fails_after_the_timeout() {
     let b = &cluster.backups()[0];
     assert_eq!(b["status"], "ERROR", "{b}");
     assert!(b["error"].as_str().unwrap().contains("not archived"), "{b}");
+}
+
+/// Regression (#13, item 9): `[pg] data` was compared with the server's `data_directory` by path
+/// only. Where pgkeep runs on another host or in another mount namespace than the server (a
+/// container, a standby host with the same layout), the same path is another directory, and
+/// pgkeep copied it under the server's `pg_backup_start`.
+#[test]
+fn backup_refuses_another_clusters_directory_at_the_servers_path() {
+    if !is_root() {
+        eprintln!("skipped: a private mount namespace needs root");
+        return;
+    }
+    let cluster = Cluster::new();
+    let sysid = cluster.query_text("SELECT system_identifier::text FROM pg_control_system()");
+    let other = init_other(&cluster);
+    // pgkeep in its own mount namespace, where the server's path shows the other cluster.
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" "$2" && exec runuser -u postgres -- "$3" --config "$4" backup --type full"#)
+        .arg("sh")
+        .args([&other, &cluster.data, &cluster.pgkeep_bin, &cluster.config])
+        .current_dir(cluster.dir.path())
+        .output()
+        .unwrap();
+    let run = Run::from_output(out);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    let theirs = ControlFile::parse(&fs::read(other.join("global/pg_control")).unwrap())
+        .unwrap()
+        .system_identifier
+        .to_string();
+    for part in ["[pg] data", cluster.data.to_str().unwrap(), &theirs, &sysid] {
+        assert!(run.stderr.contains(part), "stderr lacks {part:?}: {run:?}");
+    }
+    assert!(
+        cluster.backups().iter().all(|b| b["status"] != "DONE"),
+        "nothing may be DONE from the wrong directory: {:?}",
+        cluster.backups()
+    );
+}
+
+/// Regression (#13, item 9): a server started through a symlink reports the link as its
+/// `data_directory`, and the path check followed the link to wherever it points now. Behind it,
+/// a directory that is not a running primary's (the primary's own standby, a stopped cluster)
+/// must be refused; `pg_control_system()` reads through the link too, so the state of
+/// `pg_control` and `standby.signal` are what tell.
+#[test]
+fn backup_refuses_a_standby_or_stopped_directory_behind_the_servers_path() {
+    let mut cluster = Cluster::new();
+    // The server runs in `real` but knows its directory by the link's path, as the config does.
+    cluster.stop();
+    let link = cluster.data.clone();
+    let real = cluster.dir.path().join("data.real");
+    fs::rename(&link, &real).unwrap();
+    point(&link, &real);
+    cluster.start();
+    // pg_ctl must address the directory the postmaster really holds, wherever the link points.
+    cluster.data = real.clone();
+    assert_eq!(
+        cluster.query_text("SHOW data_directory"),
+        link.to_str().unwrap()
+    );
+
+    // The primary's own standby behind the path: same system identifier.
+    let standby = cluster.dir.path().join("standby");
+    cluster.pg_tool_ok(
+        "pg_basebackup",
+        &["-D", standby.to_str().unwrap(), "-R", "-c", "fast"],
+    );
+    point(&link, &standby);
+    let run = cluster.pgkeep(&["backup", "--type", "full"]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    for part in ["[pg] data", link.to_str().unwrap(), "standby.signal"] {
+        assert!(run.stderr.contains(part), "stderr lacks {part:?}: {run:?}");
+    }
+    let run = cluster.pgkeep(&["check"]);
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("data directory")),
+        "{run:?}"
+    );
+
+    // A stopped cluster behind the path.
+    let other = init_other(&cluster);
+    point(&link, &other);
+    let run = cluster.pgkeep(&["backup", "--type", "full"]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("[pg] data") && run.stderr.contains("shut down"),
+        "{run:?}"
+    );
+    assert!(
+        cluster.backups().iter().all(|b| b["status"] != "DONE"),
+        "nothing may be DONE from the wrong directory: {:?}",
+        cluster.backups()
+    );
+
+    // The server's own directory behind the path again: no refusal.
+    point(&link, &real);
+    assert_eq!(cluster.backup("full")["status"], "DONE");
+}
+
+/// A fresh, stopped cluster `other` beside `cluster`'s, with its own system identifier.
+fn init_other(cluster: &Cluster) -> std::path::PathBuf {
+    let other = cluster.dir.path().join("other");
+    let out = user_command(pg_bin().join("initdb"))
+        .args(["-N", "-U", "postgres", "--auth=trust", "-D"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", Run::from_output(out));
+    other
+}
+
+/// Make `link` a symlink to `target`, replacing what it was in one rename.
+fn point(link: &Path, target: &Path) {
+    let tmp = link.with_extension("new");
+    std::os::unix::fs::symlink(target, &tmp).unwrap();
+    fs::rename(&tmp, link).unwrap();
 }

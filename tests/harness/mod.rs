@@ -181,7 +181,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(out: Output) -> Run {
+    pub fn from_output(out: Output) -> Run {
         Run {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -290,7 +290,11 @@ impl Cluster {
             .args(&opts.initdb_args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "initdb failed: {:?}", Run::from(out));
+        assert!(
+            out.status.success(),
+            "initdb failed: {:?}",
+            Run::from_output(out)
+        );
         let mut conf = vec![
             format!("port = {port}"),
             "listen_addresses = ''".to_string(),
@@ -341,7 +345,42 @@ impl Cluster {
     }
 
     pub fn start(&mut self) {
-        let out = user_command(pg_bin().join("pg_ctl"))
+        let out = self.pg_ctl_start();
+        if !out.status.success() {
+            panic!(
+                "pg_ctl start failed: {:?}\n--- server log\n{}",
+                Run::from_output(out),
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+        self.running = true;
+    }
+
+    /// Start the server and say whether it came up; for tests in which the startup process may
+    /// rightly give up (a recovery that must stop). The cluster counts as running either way, so
+    /// a postmaster that did come up is stopped on drop.
+    pub fn try_start(&mut self) -> bool {
+        let out = self.pg_ctl_start();
+        self.running = true;
+        out.status.success()
+    }
+
+    /// True while a postmaster holds this cluster's data directory.
+    pub fn postmaster_alive(&self) -> bool {
+        user_command(pg_bin().join("pg_ctl"))
+            .current_dir("/tmp")
+            .arg("-D")
+            .arg(&self.data)
+            .arg("status")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    }
+
+    fn pg_ctl_start(&self) -> Output {
+        user_command(pg_bin().join("pg_ctl"))
             .current_dir(self.dir.path())
             .args(["-w", "-t", "60", "-D"])
             .arg(&self.data)
@@ -350,15 +389,7 @@ impl Cluster {
             .arg("start")
             .stdout(Stdio::null())
             .output()
-            .unwrap();
-        if !out.status.success() {
-            panic!(
-                "pg_ctl start failed: {:?}\n--- server log\n{}",
-                Run::from(out),
-                fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-        self.running = true;
+            .unwrap()
     }
 
     /// Stop with a clean shutdown (checkpoint), as a DBA would before wiping a cluster.
@@ -421,7 +452,7 @@ impl Cluster {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        Run::from(out)
+        Run::from_output(out)
     }
 
     /// Run pgkeep and panic with its output unless it exits 0.
@@ -469,7 +500,7 @@ impl Cluster {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        Run::from(out)
+        Run::from_output(out)
     }
 
     /// pg_amcheck on the running cluster, then stop it and pg_checksums on its files: both

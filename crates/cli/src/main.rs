@@ -20,24 +20,45 @@ mod exit {
     pub const USAGE: u8 = 2;
     /// `check` or `validate` found a problem.
     pub const FOUND_PROBLEMS: u8 = 3;
+    /// `archive-get` failed for any reason but "not in the archive". PostgreSQL takes a
+    /// restore_command status of 1 to 125 for "no such file" and ends recovery there, promoting
+    /// with whatever it has replayed; only a status above 125 makes it stop. 255, not 128 + a
+    /// signal number: 143 (SIGTERM) would read as a shutdown request.
+    pub const ARCHIVE_GET_FAILED: u8 = 255;
 }
 
 fn main() -> ExitCode {
     let args = match Cli::try_parse() {
         Ok(a) => a,
         Err(e) => {
+            if let Some(wal_name) = archive_get_in_raw_args() {
+                // Even a bad command line must not read as "no such file" to the server.
+                // clap's message up to its usage paragraph, which would not fit on a line.
+                let text = e.to_string();
+                let what = text.split("\n\n").next().unwrap_or_default();
+                let what = what.strip_prefix("error: ").unwrap_or(what);
+                eprintln!(
+                    "pgkeep: error: archive-get {}: {}: fix restore_command",
+                    wal_name.as_deref().unwrap_or("(no file name)"),
+                    one_line(what)
+                );
+                return ExitCode::from(exit::ARCHIVE_GET_FAILED);
+            }
             // --help and --version are not errors.
             let code = if e.use_stderr() { exit::USAGE } else { 0 };
             let _ = e.print();
             return ExitCode::from(code);
         }
     };
+    let archive_get = match &args.command {
+        Command::ArchiveGet { wal_name, .. } => Some(wal_name.clone()),
+        _ => None,
+    };
     match run(args) {
         Ok(code) => code,
         Err(e) => {
-            if let Some(pgkeep_core::Outcome::NotInArchive(_)) = e.downcast_ref() {
-                // PostgreSQL probes for files that do not exist: answer quietly.
-                return ExitCode::from(exit::FAILURE);
+            if let Some(wal_name) = archive_get {
+                return archive_get_failed(&wal_name, &e);
             }
             let code = if e.downcast_ref::<config::ConfigError>().is_some() {
                 exit::USAGE
@@ -48,6 +69,49 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// The exit of a failed `archive-get`, run by PostgreSQL as restore_command: 1 only for a file
+/// the archive does not hold, else 255 and one line, which lands in the server log.
+fn archive_get_failed(wal_name: &str, e: &anyhow::Error) -> ExitCode {
+    if let Some(pgkeep_core::Outcome::NotInArchive(_)) = e.downcast_ref() {
+        // PostgreSQL probes for files that do not exist: answer quietly.
+        return ExitCode::from(exit::FAILURE);
+    }
+    eprintln!(
+        "pgkeep: error: archive-get {wal_name}: {}",
+        one_line(&format!("{e:#}"))
+    );
+    ExitCode::from(exit::ARCHIVE_GET_FAILED)
+}
+
+/// When the raw command line names the `archive-get` command, `Some` of the WAL name it was
+/// given (if any). Used only after clap refused the line, to choose the exit status.
+fn archive_get_in_raw_args() -> Option<Option<String>> {
+    let mut args = std::env::args_os().skip(1);
+    while let Some(arg) = args.next() {
+        let arg = arg.to_string_lossy();
+        match arg.as_ref() {
+            // The global options, the only ones that may come before the command.
+            "--config" => {
+                args.next();
+            }
+            a if a.starts_with("--config=") || a == "--allow-root" => {}
+            "archive-get" => {
+                while let Some(a) = args.next() {
+                    let a = a.to_string_lossy();
+                    if a == "--config" {
+                        args.next();
+                    } else if !a.starts_with('-') {
+                        return Some(Some(a.into_owned()));
+                    }
+                }
+                return Some(None);
+            }
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// Errors print as one line, whatever their sources put in them.

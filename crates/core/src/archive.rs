@@ -85,6 +85,12 @@ pub fn archive_push(cfg: &Config, wal_path: &Path) -> Result<PushOutcome> {
                     repo.root.display()
                 );
             }
+            // The push that stored it may have died before its fsyncs, or between the link and
+            // the directory's fsync: answering 0 lets PostgreSQL recycle the segment, so make the
+            // adopted copy as durable as one of ours first.
+            repo.storage
+                .sync_object(&key)
+                .with_context(|| format!("making the stored copy of {file_name} durable"))?;
             let stored_size = repo.storage.size(&key)?.unwrap_or(0);
             insert_record(&repo.catalog, &record(file_name, &name, ours, stored_size))?;
             return Ok(PushOutcome::AlreadyArchived);

@@ -20,8 +20,8 @@ use chrono::{DateTime, Utc};
 pub use pgkeep_catalog::BackupType;
 use pgkeep_catalog::{meta, BackupRecord, BackupStatus, Catalog, FileKind, FileRecord};
 use pgkeep_pg::{
-    parse_relation_path, segment_name, verify_page, BackupLabel, Fork, Lsn, PageHeader,
-    PageVerdict, TimelineId, WalSegSize,
+    parse_relation_path, segment_name, verify_page, BackupLabel, ControlFile, Fork, Lsn,
+    PageHeader, PageVerdict, TimelineId, WalSegSize,
 };
 use pgkeep_repo::{keys, put_bytes, CompressWriter, PendingObject, Storage};
 use sha2::{Digest as _, Sha256};
@@ -188,12 +188,14 @@ fn preflight(conn: &mut PgConn, cfg: &Config, repo: &Repo) -> Result<ServerIdent
             cfg.pg.data.display()
         );
     }
+    let in_recovery = conn.query_text("SELECT pg_is_in_recovery()::text")? == "true";
+    check_data_directory(cfg, &server, in_recovery)?;
     check_same_cluster(
         &repo.identity,
         &crate::check::repo_identity(&server),
         &repo.root,
     )?;
-    if conn.query_text("SELECT pg_is_in_recovery()::text")? == "true" {
+    if in_recovery {
         bail!(
             "the server at {}:{} is a standby: back up the primary",
             cfg.pg.host,
@@ -209,6 +211,71 @@ fn preflight(conn: &mut PgConn, cfg: &Config, repo: &Repo) -> Result<ServerIdent
         );
     }
     Ok(server)
+}
+
+/// Refuse a `[pg] data` that is not the connected server's data directory, whatever its path
+/// says: the server may run on another host or in another mount namespace where the same path
+/// holds another cluster (often that primary's own standby), or have been started through a
+/// symlink since pointed elsewhere. Copying it under the server's `pg_backup_start` would make a
+/// backup that restores to something else, or to nothing consistent.
+///
+/// The system identifier tells another cluster where the server reads its own `pg_control`;
+/// through a symlink `pg_control_system()` reads the same file as we do, and there only the
+/// state (a running primary's says "in production") and `standby.signal` tell.
+pub(crate) fn check_data_directory(
+    cfg: &Config,
+    server: &ServerIdentity,
+    server_in_recovery: bool,
+) -> Result<()> {
+    let data = &cfg.pg.data;
+    let control = read_control_file(data)?;
+    let at = format!("the server at {}:{}", cfg.pg.host, cfg.pg.port);
+    if control.system_identifier != server.system_identifier {
+        bail!(
+            "[pg] data {} holds system identifier {} but {at} has system identifier {}: set [pg] data in {} to the data directory of the server it connects to",
+            data.display(),
+            control.system_identifier,
+            server.system_identifier,
+            cfg.config_path.display()
+        );
+    }
+    let standby_signal = data.join("standby.signal").exists();
+    // A running primary's pg_control says "in production" from the end of its startup on; a
+    // standby's, or a stopped copy's, says otherwise even though the system identifier matches.
+    if !server_in_recovery && (!control.in_production() || standby_signal) {
+        bail!(
+            "[pg] data {} is a standby's or a copy's data directory (pg_control state \"{}\"{}) but {at} is a primary in production: set [pg] data in {} to the primary's data directory",
+            data.display(),
+            control.state_name(),
+            if standby_signal { ", standby.signal present" } else { "" },
+            cfg.config_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `global/pg_control` of `data`. The server rewrites the file in place, so a read may catch a
+/// write half done; PostgreSQL's own readers retry on a CRC mismatch, and so does this.
+fn read_control_file(data: &std::path::Path) -> Result<ControlFile> {
+    let path = data.join("global/pg_control");
+    let context = || {
+        format!(
+            "reading {}: is [pg] data the server's data directory?",
+            path.display()
+        )
+    };
+    let mut tries = 0;
+    loop {
+        let bytes = std::fs::read(&path).with_context(context)?;
+        match ControlFile::parse(&bytes) {
+            Ok(control) => return Ok(control),
+            Err(_) if tries < 3 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).with_context(context),
+        }
+    }
 }
 
 /// The backup a diff (newest full) or incr (newest of any type) builds on: the newest DONE or OK

@@ -99,18 +99,24 @@ pub fn check(cfg: &Config) -> Result<Vec<CheckLine>> {
         },
     );
     let server = conn.identity()?;
-    let data_ok = pg::same_dir(&server.data_directory, &cfg.pg.data);
+    let same_path = pg::same_dir(&server.data_directory, &cfg.pg.data);
+    let in_recovery = conn.query_text("SELECT pg_is_in_recovery()::text")? == "true";
+    // The path can match while the directory behind it is another cluster's: what backup
+    // refuses, check reports.
+    let not_the_servers = same_path
+        .then(|| crate::backup::check_data_directory(cfg, &server, in_recovery).err())
+        .flatten();
     push(
-        data_ok,
+        same_path && not_the_servers.is_none(),
         "data directory",
-        if data_ok {
-            server.data_directory.display().to_string()
-        } else {
-            format!(
+        match not_the_servers {
+            _ if !same_path => format!(
                 "server runs {} but [pg] data is {}: fix the config",
                 server.data_directory.display(),
                 cfg.pg.data.display()
-            )
+            ),
+            Some(e) => format!("{e:#}"),
+            None => server.data_directory.display().to_string(),
         },
     );
     let repo = match Repo::open(cfg) {

@@ -150,6 +150,11 @@ impl ControlFile {
         WalSegSize::new(u64::from(self.wal_segment_size))
     }
 
+    /// Whether `state` is `DB_IN_PRODUCTION`: what a running primary's pg_control says.
+    pub fn in_production(&self) -> bool {
+        self.state == 6
+    }
+
     /// `state` in the words `pg_controldata` uses ("shut down", "in production", ...).
     pub fn state_name(&self) -> &'static str {
         // DBState, src/include/catalog/pg_control.h; wording from dbState()

@@ -12,6 +12,7 @@
 
 use std::io::{self, Read, Write};
 
+mod durable;
 mod key;
 pub mod keys;
 mod local;
@@ -19,7 +20,8 @@ mod memory;
 mod stream;
 mod transfer;
 
-pub use local::{start_writeback, LocalStorage};
+pub use durable::{syncfs_reports_errors, FsSync};
+pub use local::{start_writeback, LocalStorage, SyncMethod};
 pub use memory::MemoryStorage;
 pub use stream::{CompressWriter, DecompressReader, Digest, FrameError, BLOCK_SIZE};
 pub use transfer::{
@@ -102,10 +104,23 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// whole repository) is refused as an invalid key, so a bug cannot wipe the repository.
     fn delete_prefix(&self, prefix: &str) -> Result<()>;
     /// Make every object committed so far durable, including those committed with
-    /// [`PendingObject::commit_unsynced`] (local fs: syncfs(2) of the repository's filesystem).
-    /// Backends whose commits are durable on their own need not override it.
+    /// [`PendingObject::commit_unsynced`], and fail if any of their bytes could not be written
+    /// (local fs: syncfs(2) of the repository's filesystem through a descriptor held since
+    /// before the first write, or an fsync of each such object on kernels whose syncfs reports
+    /// no errors). Backends whose commits are durable on their own need not override it.
     fn sync(&self) -> Result<()> {
         Ok(())
+    }
+    /// Make the committed object at `key` durable, whoever committed it: for an object left by
+    /// another process that may have died before its own fsyncs (local fs: fsync of the file
+    /// and of its directory). `NotFound` when absent.
+    fn sync_object(&self, key: &str) -> Result<()> {
+        match self.size(key)? {
+            Some(_) => Ok(()),
+            None => Err(StorageError::NotFound {
+                key: key.to_owned(),
+            }),
+        }
     }
 }
 

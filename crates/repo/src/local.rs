@@ -4,6 +4,9 @@
 //! (or hard-linked, when an existing object must not be replaced) into place and the directory
 //! fsynced. A writer killed at any point therefore leaves at worst a temporary file, which `list`
 //! never shows and `remove_stale_temps` cleans up, and never a partial file under a final name.
+//! Objects committed unsynced are made durable by [`Storage::sync`]: one syncfs through a
+//! descriptor of the root held from before the first write, or, where the kernel's syncfs cannot
+//! report errors, an fsync of each of them and their directories.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, ErrorKind, Read, Write};
@@ -11,7 +14,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use crate::durable::{syncfs_reports_errors, FsSync};
 use crate::key;
 use crate::{PendingObject, Result, Storage, StorageError};
 
@@ -19,12 +24,50 @@ use crate::{PendingObject, Result, Storage, StorageError};
 #[derive(Debug)]
 pub struct LocalStorage {
     root: PathBuf,
+    /// The root, opened before the first object is written, so that [`Storage::sync`]'s syncfs
+    /// reports the writeback errors of every object (see [`FsSync`]). Used with
+    /// [`SyncMethod::Syncfs`] only.
+    root_sync: OnceLock<FsSync>,
+    /// With [`SyncMethod::FsyncEach`]: the keys committed unsynced since the last sync.
+    unsynced: Option<Arc<Mutex<Vec<String>>>>,
+}
+
+/// How [`Storage::sync`] makes objects committed unsynced durable.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SyncMethod {
+    /// One syncfs(2) of the repository's filesystem: where the kernel reports writeback errors
+    /// through it (Linux 5.8 and later).
+    Syncfs,
+    /// An fsync of each such object and of each directory holding one: where syncfs would
+    /// return 0 whatever was lost.
+    FsyncEach,
+}
+
+impl SyncMethod {
+    /// The method that reports errors on the running kernel.
+    pub fn for_this_kernel() -> SyncMethod {
+        if syncfs_reports_errors() {
+            SyncMethod::Syncfs
+        } else {
+            SyncMethod::FsyncEach
+        }
+    }
 }
 
 impl LocalStorage {
-    /// Storage rooted at `root`, which is created (0700) on the first write if missing.
+    /// Storage rooted at `root`, which is created (0700) on the first write if missing; synced
+    /// the way the running kernel can report errors of.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        LocalStorage { root: root.into() }
+        LocalStorage::with_sync_method(root, SyncMethod::for_this_kernel())
+    }
+
+    /// Same, with the sync method chosen by the caller (tests of either method on any kernel).
+    pub fn with_sync_method(root: impl Into<PathBuf>, method: SyncMethod) -> Self {
+        LocalStorage {
+            root: root.into(),
+            root_sync: OnceLock::new(),
+            unsynced: (method == SyncMethod::FsyncEach).then(Arc::default),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -63,6 +106,43 @@ impl LocalStorage {
 
     fn path(&self, key: &str) -> PathBuf {
         self.root.join(key)
+    }
+
+    /// Opens the root for the later syncfs, once, before the first object is written; the root
+    /// exists by then. Racing writers may both open it: whichever descriptor is kept was opened
+    /// before either of them writes.
+    fn hold_root(&self) -> Result<()> {
+        if self.unsynced.is_none() && self.root_sync.get().is_none() {
+            let sync = FsSync::open(&self.root).map_err(|e| self.root_error(e))?;
+            let _ = self.root_sync.set(sync);
+        }
+        Ok(())
+    }
+
+    /// fsync of every object committed unsynced since the last sync, then of their directories.
+    fn fsync_each(&self, unsynced: &Mutex<Vec<String>>) -> Result<()> {
+        let keys = std::mem::take(&mut *lock(unsynced));
+        let mut dirs = std::collections::BTreeMap::new();
+        for key in &keys {
+            let path = self.path(key);
+            match File::open(&path).and_then(|f| f.sync_all()) {
+                Ok(()) => {}
+                // Deleted since it was committed: nothing left to make durable.
+                Err(e) if is_absent(&e) => continue,
+                Err(e) => return Err(StorageError::io(key, e)),
+            }
+            if let Some(dir) = path.parent() {
+                dirs.entry(dir.to_owned()).or_insert_with(|| key.clone());
+            }
+        }
+        for (dir, key) in dirs {
+            match fsync_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if is_absent(&e) => {}
+                Err(e) => return Err(StorageError::io(&key, e)),
+            }
+        }
+        Ok(())
     }
 
     /// Calls `each(dir_key, name, path)` for every regular file under `prefix`, temporary files
@@ -139,6 +219,7 @@ impl Storage for LocalStorage {
         };
         let name = name.to_string_lossy();
         self.ensure_dir(key, dir)?;
+        self.hold_root()?;
         let n = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
         let temp = dir.join(key::temp_name(&name, std::process::id(), n));
         let file = OpenOptions::new()
@@ -155,6 +236,7 @@ impl Storage for LocalStorage {
             path,
             committed: false,
             unflushed: 0,
+            unsynced: self.unsynced.clone(),
         };
         // From here on, dropping `pending` removes the temporary file.
         pending
@@ -218,12 +300,30 @@ impl Storage for LocalStorage {
     }
 
     fn sync(&self) -> Result<()> {
-        let root = File::open(&self.root).map_err(|e| self.root_error(e))?;
-        // SAFETY: plain syscall on a descriptor we own.
-        if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
-            return Err(self.root_error(io::Error::last_os_error()));
+        if let Some(unsynced) = &self.unsynced {
+            return self.fsync_each(unsynced);
         }
-        Ok(())
+        match self.root_sync.get() {
+            Some(root) => root.syncfs().map_err(|e| self.root_error(e)),
+            // Nothing was written through this storage, so there is no error of ours to miss.
+            None => FsSync::open(&self.root)
+                .and_then(|root| root.syncfs())
+                .map_err(|e| self.root_error(e)),
+        }
+    }
+
+    fn sync_object(&self, key: &str) -> Result<()> {
+        key::check(key)?;
+        let path = self.path(key);
+        match File::open(&path).and_then(|f| f.sync_all()) {
+            Ok(()) => {}
+            Err(e) if is_absent(&e) => return Err(not_found(key)),
+            Err(e) => return Err(StorageError::io(key, e)),
+        }
+        match path.parent() {
+            Some(dir) => fsync_dir(dir).map_err(|e| StorageError::io(key, e)),
+            None => Ok(()),
+        }
     }
 
     fn delete_prefix(&self, prefix: &str) -> Result<()> {
@@ -262,6 +362,8 @@ struct LocalPending {
     committed: bool,
     /// Bytes handed to the kernel since writeback was last started.
     unflushed: usize,
+    /// Where a commit without fsync is recorded for the storage's later fsync of each object.
+    unsynced: Option<Arc<Mutex<Vec<String>>>>,
 }
 
 impl LocalPending {
@@ -323,6 +425,9 @@ impl PendingObject for LocalPending {
             .map_err(|e| StorageError::io(&self.key, e))?;
         fs::rename(&self.temp, &self.path).map_err(|e| StorageError::io(&self.key, e))?;
         self.committed = true;
+        if let Some(unsynced) = &self.unsynced {
+            lock(unsynced).push(self.key.clone());
+        }
         Ok(())
     }
 
@@ -396,6 +501,12 @@ pub fn start_writeback(file: &File) {
 
 #[cfg(not(target_os = "linux"))]
 pub fn start_writeback(_file: &File) {}
+
+/// A panic elsewhere while holding the lock leaves at worst a key recorded twice, so a poisoned
+/// lock is still safe to use.
+fn lock(keys: &Mutex<Vec<String>>) -> MutexGuard<'_, Vec<String>> {
+    keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

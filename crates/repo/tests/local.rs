@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use pgkeep_repo::{put_bytes, LocalStorage, Storage};
+use pgkeep_repo::{put_bytes, LocalStorage, MemoryStorage, Storage, StorageError, SyncMethod};
 
 fn names(dir: &std::path::Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -103,4 +103,77 @@ fn symlinked_root_works() {
     put_bytes(&s, "k/v", b"1").unwrap();
     assert_eq!(s.list("").unwrap(), ["k/v"]);
     assert_eq!(s.root(), dir.path().join("link"));
+}
+
+/// Regression (#13, item 7): syncfs reports a writeback error only to a descriptor opened
+/// before it; `sync` used to open the root just before its syncfs. The descriptor it syncs
+/// through must be the one taken at the first write: with the root's name gone since, a sync
+/// that opened the root anew fails.
+#[test]
+fn sync_goes_through_the_root_descriptor_taken_before_the_first_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let s = LocalStorage::with_sync_method(&root, SyncMethod::Syncfs);
+    let mut p = s.create("backup/x/data/1.lz4").unwrap();
+    p.write_all(b"bytes").unwrap();
+    p.commit_unsynced().unwrap();
+    std::fs::rename(&root, dir.path().join("moved")).unwrap();
+    s.sync().unwrap();
+    // A storage that wrote nothing has no descriptor and must name the missing root.
+    let fresh = LocalStorage::with_sync_method(&root, SyncMethod::Syncfs);
+    assert!(fresh.sync().is_err());
+}
+
+/// Regression (#13, item 7): where syncfs cannot report errors, `sync` fsyncs each object
+/// committed unsynced since the last sync, and an fsync error fails it, naming the object.
+#[test]
+fn without_syncfs_errors_sync_fsyncs_each_unsynced_object_and_fails_on_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let s = LocalStorage::with_sync_method(&root, SyncMethod::FsyncEach);
+    for key in ["a/1", "a/2", "b/3"] {
+        let mut p = s.create(key).unwrap();
+        p.write_all(key.as_bytes()).unwrap();
+        p.commit_unsynced().unwrap();
+    }
+    // An object fsync refuses (fsync of /dev/null fails with EINVAL) stands for one whose
+    // writeback failed.
+    let broken = root.join("a/2");
+    std::fs::remove_file(&broken).unwrap();
+    std::os::unix::fs::symlink("/dev/null", &broken).unwrap();
+    let err = s.sync().unwrap_err();
+    assert_eq!(err.key(), "a/2", "{err}");
+
+    // Only what was committed unsynced since the last sync is fsynced again.
+    let s = LocalStorage::with_sync_method(&root, SyncMethod::FsyncEach);
+    let mut p = s.create("c/4").unwrap();
+    p.write_all(b"4").unwrap();
+    p.commit_unsynced().unwrap();
+    s.sync().unwrap();
+    // Committed with its own fsync: not tracked.
+    put_bytes(&s, "c/5", b"5").unwrap();
+    let four = root.join("c/4");
+    std::fs::remove_file(&four).unwrap();
+    std::os::unix::fs::symlink("/dev/null", &four).unwrap();
+    s.sync().unwrap();
+}
+
+#[test]
+fn sync_object_fsyncs_a_committed_object_and_names_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = LocalStorage::new(dir.path());
+    put_bytes(&s, "archive/1/seg.lz4", b"seg").unwrap();
+    s.sync_object("archive/1/seg.lz4").unwrap();
+    let err = s.sync_object("archive/1/other.lz4").unwrap_err();
+    assert!(
+        matches!(&err, StorageError::NotFound { key } if key == "archive/1/other.lz4"),
+        "{err}"
+    );
+    let memory = MemoryStorage::new();
+    put_bytes(&memory, "k", b"v").unwrap();
+    memory.sync_object("k").unwrap();
+    assert!(matches!(
+        memory.sync_object("absent"),
+        Err(StorageError::NotFound { .. })
+    ));
 }
