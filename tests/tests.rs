@@ -12,4 +12,5 @@ mod incremental;
 mod init;
 mod restore;
 mod tidy;
+mod timelines;
 mod validate;
