@@ -1,12 +1,12 @@
 //! Timelines against real clusters: history files PostgreSQL writes after repeated point-in-time
-//! recoveries.
+//! recoveries, and restore's choice of a backup on the history of the timeline recovery follows.
 
 use std::fs;
 use std::time::Duration;
 
 use pgkeep_pg::Lsn;
 
-use crate::harness::Cluster;
+use crate::harness::{Cluster, Run};
 use crate::restore::server_now;
 
 fn current_timeline(cluster: &Cluster) -> u32 {
@@ -44,6 +44,12 @@ fn wipe_restore_and_promote(cluster: &mut Cluster, args: &[&str]) {
     assert!(run.success(), "{run:?}");
     cluster.start();
     cluster.wait_promoted();
+}
+
+fn assert_one_line(run: &Run, needle: &str) {
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    assert!(run.stderr.contains(needle), "expected {needle:?}: {run:?}");
 }
 
 /// Regression: restoring the latest state, then an earlier time, makes PostgreSQL write a history
@@ -119,4 +125,86 @@ fn a_history_file_with_decreasing_switch_points_validates_and_timeline_3_is_a_wi
         .parse()
         .unwrap();
     assert!(until(2) <= now, "{shown}");
+}
+
+/// Regression: after an in-place point-in-time recovery (timeline 1 -> 2 at X), a backup of
+/// timeline 1 taken after X was still the newest, so `restore` with no target chose it, and
+/// recovery from it cannot follow timeline 2: it is not on that timeline's history.
+#[test]
+fn restore_chooses_a_backup_on_the_history_of_the_latest_timeline() {
+    let mut cluster = Cluster::new();
+    cluster.execute("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 100);");
+    let b1 = cluster.backup("full")["label"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cluster.execute("INSERT INTO t SELECT generate_series(101, 200);");
+    std::thread::sleep(Duration::from_millis(300));
+    let t = server_now(&cluster);
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.execute("INSERT INTO t SELECT generate_series(201, 300);");
+    cluster.switch_wal_and_wait();
+    // The second backup is on timeline 1 after T: past where timeline 2 will branch off.
+    std::thread::sleep(Duration::from_millis(1100));
+    let b2 = cluster.backup("full");
+    let b2_label = b2["label"].as_str().unwrap().to_string();
+    assert_ne!(b1, b2_label);
+
+    wipe_restore_and_promote(
+        &mut cluster,
+        &[
+            "--backup",
+            &b1,
+            "--target-time",
+            &t,
+            "--target-action",
+            "promote",
+        ],
+    );
+    assert_eq!(timeline_after_checkpoint(&cluster), 2);
+    assert_eq!(cluster.query_text("SELECT count(*)::text FROM t"), "200");
+    cluster.execute("INSERT INTO t SELECT generate_series(5001, 5050);");
+    cluster.switch_wal_and_wait();
+    let history = fs::read_to_string(cluster.data.join("pg_wal/00000002.history")).unwrap();
+    let x = history_lines(&history)[0].1;
+    let b2_stop: Lsn = b2["stop_lsn"].as_str().unwrap().parse().unwrap();
+    assert!(
+        x < b2_stop,
+        "timeline 2 must branch off before B2 stopped:\n{history}"
+    );
+
+    cluster.stop_and_wipe();
+    let dest = cluster.data.to_str().unwrap().to_string();
+    // B2 by name is refused: it is not on timeline 2's history, and nothing is written.
+    let run = cluster.restore(&["--backup", &b2_label]);
+    assert_one_line(&run, "timeline 2");
+    assert!(run.stderr.contains(&b2_label), "{run:?}");
+    assert!(fs::metadata(&dest).is_err(), "restore wrote {dest}");
+    // A timeline the archive has no history for.
+    let run = cluster.restore(&["--target-timeline", "7"]);
+    assert_one_line(&run, "timeline 7 does not exist");
+    assert!(fs::metadata(&dest).is_err(), "restore wrote {dest}");
+
+    let run = cluster.restore(&[]);
+    assert!(run.success(), "{run:?}");
+    assert!(
+        run.stdout.contains(&format!("restored backup {b1} ")),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout.contains("recovery follows timeline 2"),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout
+            .contains(&format!("newer backup {b2_label} skipped")),
+        "{run:?}"
+    );
+    cluster.start();
+    cluster.wait_promoted();
+    assert_eq!(
+        cluster.query_text("SELECT count(*)::text FROM t WHERE id > 5000"),
+        "50"
+    );
+    assert_eq!(cluster.query_text("SELECT count(*)::text FROM t"), "250");
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
-use pgkeep_catalog::{BackupRecord, BackupStatus, Catalog, FileKind, FileRecord};
+use pgkeep_catalog::{BackupRecord, FileKind, FileRecord};
 use pgkeep_pg::{Lsn, TimelineId};
 use pgkeep_repo::{
     fetch_decompressed, fetch_decompressed_at, get_bytes, keys, DecompressReader, StorageError,
@@ -34,6 +34,7 @@ use crate::delta::DeltaReader;
 use crate::parallel;
 use crate::progress::Progress;
 use crate::repo::Repo;
+use crate::timeline::{plan_restore, Choice, Histories};
 use crate::user;
 
 /// Where recovery stops.
@@ -104,6 +105,8 @@ pub struct RestoreOptions {
 #[derive(Debug)]
 pub struct RestoreSummary {
     pub backup: BackupRecord,
+    /// Which backup was chosen, the timeline recovery will follow and why (see [`Choice`]).
+    pub choice: String,
     pub files_written: u64,
     pub files_kept: u64,
     pub bytes_written: u64,
@@ -124,7 +127,8 @@ pub fn restore(
     if repo.identity.pg_major < 12 {
         bail!("restore of PostgreSQL {} is not supported: pgkeep writes recovery.signal (PostgreSQL 12+)", repo.identity.pg_major);
     }
-    let backup = choose_backup(&repo.catalog, opts)?;
+    let choice = choose_backup(&repo, opts)?;
+    let backup = choice.backup.clone();
     let chain = Chain::load(&repo.catalog, &backup)?;
     check_wal(&repo, &backup)?;
     check_target_dir(&opts.pgdata, opts.delta)?;
@@ -231,6 +235,7 @@ pub fn restore(
     }
     Ok(RestoreSummary {
         backup,
+        choice: choice.to_string(),
         files_written,
         files_kept,
         bytes_written,
@@ -238,81 +243,16 @@ pub fn restore(
     })
 }
 
-/// The backup to restore: the named one, or the newest restorable one that can reach the target.
-pub fn choose_backup(catalog: &Catalog, opts: &RestoreOptions) -> Result<BackupRecord> {
-    let backups = catalog.backups()?;
-    if let Some(label) = &opts.backup {
-        let b = backups
-            .into_iter()
-            .find(|b| &b.label == label)
-            .ok_or_else(|| anyhow!("backup {label} not found: `pgkeep show` lists the backups"))?;
-        usable(&b)?;
-        if let RecoveryTarget::Time(t) = &opts.target {
-            if b.recovery_time.is_some_and(|r| r > *t) {
-                bail!(
-                    "backup {label} is consistent only from {}, after the target time {}: choose an older backup",
-                    rfc3339(b.recovery_time.unwrap_or_default()),
-                    rfc3339(*t)
-                );
-            }
-        }
-        return Ok(b);
-    }
-    let restorable: Vec<&BackupRecord> = backups
-        .iter()
-        .filter(|b| b.status.is_restorable())
-        .collect();
-    if restorable.is_empty() {
-        let corrupt = backups.iter().any(|b| b.status == BackupStatus::Corrupt);
-        bail!(
-            "no restorable backup in the repository{}: take one with `pgkeep backup --type full`",
-            if corrupt {
-                " (some are CORRUPT: see `pgkeep validate`)"
-            } else {
-                ""
-            }
-        );
-    }
-    let chosen = match &opts.target {
-        RecoveryTarget::Time(t) => restorable
-            .iter()
-            .rev()
-            .find(|b| b.recovery_time.is_some_and(|r| r <= *t))
-            .ok_or_else(|| {
-                let earliest = restorable.iter().filter_map(|b| b.recovery_time).min().unwrap_or_default();
-                anyhow!(
-                    "target time {} is before every backup: the earliest restorable time is {}",
-                    rfc3339(*t),
-                    rfc3339(earliest)
-                )
-            })?,
-        RecoveryTarget::Lsn(lsn) => restorable
-            .iter()
-            .rev()
-            .find(|b| b.stop_lsn.is_some_and(|s| s <= *lsn))
-            .ok_or_else(|| {
-                let earliest = restorable.iter().filter_map(|b| b.stop_lsn).min().unwrap_or_default();
-                anyhow!("target LSN {lsn} is before every backup: the earliest restorable LSN is {earliest}")
-            })?,
-        _ => restorable.last().ok_or_else(|| anyhow!("no restorable backup"))?,
-    };
-    Ok((*chosen).clone())
-}
-
-fn usable(b: &BackupRecord) -> Result<()> {
-    match b.status {
-        s if s.is_restorable() => Ok(()),
-        BackupStatus::Corrupt => bail!(
-            "backup {} is CORRUPT: `pgkeep validate {}` lists the damaged files; restore another backup with --backup",
-            b.label,
-            b.label
-        ),
-        s => bail!(
-            "backup {} has status {} and cannot be restored: only DONE or OK backups can",
-            b.label,
-            s.as_str()
-        ),
-    }
+/// The backup to restore (the named one, or the newest restorable one that can reach the
+/// target) and the timeline recovery will follow: see [`plan_restore`].
+pub fn choose_backup(repo: &Repo, opts: &RestoreOptions) -> Result<Choice> {
+    plan_restore(
+        &repo.catalog.backups()?,
+        &Histories::load(repo)?,
+        &opts.target,
+        opts.timeline,
+        opts.backup.as_deref(),
+    )
 }
 
 /// Every segment from the backup's start to its stop must be in the archive.
@@ -692,10 +632,6 @@ fn write_recovery_settings(cfg: &Config, opts: &RestoreOptions, owner: (u32, u32
 /// Quote for a single-quoted postgresql.conf value.
 fn quote(s: &str) -> String {
     s.replace('\'', "''")
-}
-
-fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 /// Make everything written under `path` durable: one syncfs of its filesystem.
