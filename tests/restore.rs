@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::harness::{tree, Cluster, Run};
 
 /// The server's clock now, as text with an explicit offset.
-fn server_now(cluster: &Cluster) -> String {
+pub(crate) fn server_now(cluster: &Cluster) -> String {
     cluster.query_text(
         "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
     )

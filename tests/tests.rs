@@ -13,4 +13,5 @@ mod init;
 mod restore;
 mod safety;
 mod tidy;
+mod timelines;
 mod validate;

@@ -203,6 +203,7 @@ pub fn print_restore_summary(s: &RestoreSummary, opts: &RestoreOptions) {
         RecoveryTarget::Xid(x) => format!("xid {x}"),
         RecoveryTarget::Name(n) => format!("restore point {n}"),
     };
+    println!("{}", s.choice);
     println!(
         "restored backup {} into {}: {} files written ({}), {} kept, {:.1} s; recovery target: {target}; start PostgreSQL to recover",
         s.backup.label,

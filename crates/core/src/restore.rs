@@ -13,17 +13,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
-use pgkeep_catalog::{BackupRecord, BackupStatus, Catalog, FileKind, FileRecord};
+use pgkeep_catalog::{BackupRecord, FileKind, FileRecord};
 use pgkeep_pg::{ControlFile, Lsn, TimelineId};
 use pgkeep_repo::{
-    fetch_decompressed, fetch_decompressed_at, get_bytes, keys, DecompressReader, StorageError,
+    fetch_decompressed, fetch_decompressed_at, get_bytes, keys, syncfs_reports_errors,
+    DecompressReader, FsSync, StorageError,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -35,6 +35,7 @@ use crate::entries::{check_entries, tablespace_oid};
 use crate::parallel;
 use crate::progress::Progress;
 use crate::repo::Repo;
+use crate::timeline::{plan_restore, Choice, Histories};
 use crate::user;
 
 /// Where recovery stops.
@@ -107,6 +108,8 @@ pub struct RestoreOptions {
 #[derive(Debug)]
 pub struct RestoreSummary {
     pub backup: BackupRecord,
+    /// Which backup was chosen, the timeline recovery will follow and why (see [`Choice`]).
+    pub choice: String,
     pub files_written: u64,
     pub files_kept: u64,
     pub bytes_written: u64,
@@ -127,7 +130,8 @@ pub fn restore(
     if repo.identity.pg_major < 12 {
         bail!("restore of PostgreSQL {} is not supported: pgkeep writes recovery.signal (PostgreSQL 12+)", repo.identity.pg_major);
     }
-    let backup = choose_backup(&repo.catalog, opts)?;
+    let choice = choose_backup(&repo, opts)?;
+    let backup = choice.backup.clone();
     let chain = Chain::load(&repo.catalog, &backup)?;
     let files = &chain.newest;
     check_entries(&backup.label, files)?;
@@ -160,7 +164,7 @@ pub fn restore(
     create_dir(pgdata, 0o700, Some(root_owner))?;
     // Opened before anything is written: syncfs reports the write errors of the filesystem
     // since its descriptor was opened, and writeback starts while files are still being written.
-    let mut syncs = vec![FsSync::open(pgdata)?];
+    let mut syncs = vec![open_sync(pgdata)?];
     if opts.delta {
         // The old copy's pg_control goes first, so a delta restore interrupted at any point
         // leaves a directory PostgreSQL refuses to start, as a fresh one does.
@@ -183,7 +187,7 @@ pub fn restore(
                         let target = layout.tablespace(oid)?;
                         tablespace_lines.push(format!("{oid} {}", target.display()));
                         create_dir(target, 0o700, Some((f.uid, f.gid)))?;
-                        syncs.push(FsSync::open(target)?);
+                        syncs.push(open_sync(target)?);
                         target.clone()
                     }
                     None => f
@@ -199,7 +203,7 @@ pub fn restore(
     }
     // pg_wal/archive_status is not in a backup whose pg_wal was a link.
     if let Some(waldir) = &layout.waldir {
-        syncs.push(FsSync::open(waldir)?);
+        syncs.push(open_sync(waldir)?);
     }
     create_dir(
         &pgdata.join("pg_wal/archive_status"),
@@ -248,7 +252,8 @@ pub fn restore(
         sync_dirs(pgdata, files, &layout)?;
     }
     for s in &syncs {
-        s.sync()?;
+        s.syncfs()
+            .with_context(|| format!("syncing the filesystem of {}", s.path().display()))?;
     }
     let control_written = write_control_file(&writer, control[0], pgdata)?;
     let written = results.iter().chain(std::iter::once(&control_written));
@@ -264,6 +269,7 @@ pub fn restore(
     }
     Ok(RestoreSummary {
         backup,
+        choice: choice.to_string(),
         files_written,
         files_kept,
         bytes_written,
@@ -272,6 +278,10 @@ pub fn restore(
 }
 
 const CONTROL_FILE: &str = "global/pg_control";
+
+fn open_sync(dir: &Path) -> Result<FsSync> {
+    FsSync::open(dir).with_context(|| format!("opening {}", dir.display()))
+}
 
 /// Where a restore puts what lies outside the data directory: tablespaces and pg_wal.
 struct Layout {
@@ -481,81 +491,16 @@ fn sync_dirs(pgdata: &Path, files: &[FileRecord], layout: &Layout) -> Result<()>
     fsync_dir(&pgdata.join("pg_wal/archive_status"))
 }
 
-/// The backup to restore: the named one, or the newest restorable one that can reach the target.
-pub fn choose_backup(catalog: &Catalog, opts: &RestoreOptions) -> Result<BackupRecord> {
-    let backups = catalog.backups()?;
-    if let Some(label) = &opts.backup {
-        let b = backups
-            .into_iter()
-            .find(|b| &b.label == label)
-            .ok_or_else(|| anyhow!("backup {label} not found: `pgkeep show` lists the backups"))?;
-        usable(&b)?;
-        if let RecoveryTarget::Time(t) = &opts.target {
-            if b.recovery_time.is_some_and(|r| r > *t) {
-                bail!(
-                    "backup {label} is consistent only from {}, after the target time {}: choose an older backup",
-                    rfc3339(b.recovery_time.unwrap_or_default()),
-                    rfc3339(*t)
-                );
-            }
-        }
-        return Ok(b);
-    }
-    let restorable: Vec<&BackupRecord> = backups
-        .iter()
-        .filter(|b| b.status.is_restorable())
-        .collect();
-    if restorable.is_empty() {
-        let corrupt = backups.iter().any(|b| b.status == BackupStatus::Corrupt);
-        bail!(
-            "no restorable backup in the repository{}: take one with `pgkeep backup --type full`",
-            if corrupt {
-                " (some are CORRUPT: see `pgkeep validate`)"
-            } else {
-                ""
-            }
-        );
-    }
-    let chosen = match &opts.target {
-        RecoveryTarget::Time(t) => restorable
-            .iter()
-            .rev()
-            .find(|b| b.recovery_time.is_some_and(|r| r <= *t))
-            .ok_or_else(|| {
-                let earliest = restorable.iter().filter_map(|b| b.recovery_time).min().unwrap_or_default();
-                anyhow!(
-                    "target time {} is before every backup: the earliest restorable time is {}",
-                    rfc3339(*t),
-                    rfc3339(earliest)
-                )
-            })?,
-        RecoveryTarget::Lsn(lsn) => restorable
-            .iter()
-            .rev()
-            .find(|b| b.stop_lsn.is_some_and(|s| s <= *lsn))
-            .ok_or_else(|| {
-                let earliest = restorable.iter().filter_map(|b| b.stop_lsn).min().unwrap_or_default();
-                anyhow!("target LSN {lsn} is before every backup: the earliest restorable LSN is {earliest}")
-            })?,
-        _ => restorable.last().ok_or_else(|| anyhow!("no restorable backup"))?,
-    };
-    Ok((*chosen).clone())
-}
-
-fn usable(b: &BackupRecord) -> Result<()> {
-    match b.status {
-        s if s.is_restorable() => Ok(()),
-        BackupStatus::Corrupt => bail!(
-            "backup {} is CORRUPT: `pgkeep validate {}` lists the damaged files; restore another backup with --backup",
-            b.label,
-            b.label
-        ),
-        s => bail!(
-            "backup {} has status {} and cannot be restored: only DONE or OK backups can",
-            b.label,
-            s.as_str()
-        ),
-    }
+/// The backup to restore (the named one, or the newest restorable one that can reach the
+/// target) and the timeline recovery will follow: see [`plan_restore`].
+pub fn choose_backup(repo: &Repo, opts: &RestoreOptions) -> Result<Choice> {
+    plan_restore(
+        &repo.catalog.backups()?,
+        &Histories::load(repo)?,
+        &opts.target,
+        opts.timeline,
+        opts.backup.as_deref(),
+    )
 }
 
 /// Every segment from the backup's start to its stop must be in the archive.
@@ -629,45 +574,6 @@ fn check_target_dir(pgdata: &Path, delta: bool, system_identifier: u64) -> Resul
         Err(e) => return Err(e).with_context(|| format!("reading {}", control.display())),
     }
     Ok(())
-}
-
-/// A descriptor of a directory opened before a restore writes under it; `sync` makes the whole
-/// filesystem durable and reports every write error since the descriptor was opened (syncfs(2)
-/// samples the filesystem's error state at open).
-struct FsSync {
-    dir: File,
-    path: PathBuf,
-}
-
-impl FsSync {
-    fn open(path: &Path) -> Result<FsSync> {
-        let dir = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(FsSync {
-            dir,
-            path: path.to_path_buf(),
-        })
-    }
-
-    fn sync(&self) -> Result<()> {
-        // SAFETY: syncfs on a descriptor we own.
-        if unsafe { libc::syncfs(self.dir.as_raw_fd()) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("syncing the filesystem of {}", self.path.display()));
-        }
-        Ok(())
-    }
-}
-
-/// syncfs(2) reports writeback errors only since Linux 5.8; before, it returns 0 whatever
-/// happened, so each file must be fsynced instead.
-fn syncfs_reports_errors() -> bool {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    version >= (5, 8)
 }
 
 enum Written {
@@ -1040,10 +946,6 @@ fn shell_word(s: &str) -> String {
 /// and processes backslash escapes, so both are escaped.
 fn conf_string(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
-}
-
-fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context, Result};
 use pgkeep_catalog::BackupRecord;
 use pgkeep_pg::{
-    parse_history, segment_name, HistoryEntry, Lsn, TimelineId, WalFileName, WalSegSize,
+    parse_history, segment_name, timeline_path, HistoryEntry, Lsn, TimelineId, WalFileName,
+    WalSegSize,
 };
 use pgkeep_repo::{fetch_decompressed, keys};
 
@@ -24,7 +25,7 @@ use crate::repo::Repo;
 pub struct WalChain {
     seg: WalSegSize,
     segments: BTreeMap<TimelineId, BTreeSet<u64>>,
-    /// Direct parent and switch point of each timeline with a known history file.
+    /// Effective direct parent and switch point of each timeline with a known history file.
     branches: BTreeMap<TimelineId, HistoryEntry>,
 }
 
@@ -92,10 +93,19 @@ impl WalChain {
         self.segments.entry(tli).or_default().insert(segno);
     }
 
-    /// Record the history of timeline `tli` (its file's entries, oldest first).
+    /// Record the history of timeline `tli` (its file's entries, oldest first). The parent
+    /// recorded is the timeline recovery actually reads just before `tli` begins, which is not
+    /// the file's last line when switch points go backwards (see [`timeline_path`]).
     pub fn add_history(&mut self, tli: TimelineId, entries: &[HistoryEntry]) {
-        if let Some(last) = entries.last() {
-            self.branches.insert(tli, *last);
+        let path = timeline_path(tli, entries);
+        if let [.., parent, own] = path.as_slice() {
+            self.branches.insert(
+                tli,
+                HistoryEntry {
+                    parent: parent.tli,
+                    switchpoint: own.begin,
+                },
+            );
         }
     }
 
@@ -358,5 +368,50 @@ pub(crate) mod tests {
         let c = chain(&[(1, 2), (1, 3), (2, 5)], &[(2, 1, 4 * SEG)]);
         assert_eq!(gaps(&c), [(2, 4, 4)]);
         assert_eq!(until(&c.windows(&backup(1, 2 * SEG, 3 * SEG))), [(1, 4)]);
+    }
+
+    #[test]
+    fn a_history_with_decreasing_switch_points_branches_off_the_timeline_it_really_left() {
+        // Timeline 2 branched off 1 at segment 6; timeline 3 was recovered along 2's history but
+        // stopped on 1 in segment 4, before 2 began: its file reads `1 6*SEG`, `2 4*SEG+0x100`.
+        let sp2 = 6 * SEG;
+        let sp3 = 4 * SEG + 0x100;
+        let mut c = chain(
+            &[
+                (1, 2),
+                (1, 3),
+                (1, 4),
+                (1, 5),
+                (2, 6),
+                (2, 7),
+                (3, 4),
+                (3, 5),
+            ],
+            &[(2, 1, sp2)],
+        );
+        c.add_history(
+            TimelineId(3),
+            &[
+                HistoryEntry {
+                    parent: TimelineId(1),
+                    switchpoint: Lsn(sp2),
+                },
+                HistoryEntry {
+                    parent: TimelineId(2),
+                    switchpoint: Lsn(sp3),
+                },
+            ],
+        );
+        assert_eq!(gaps(&c), []);
+        // A backup before both switch points reaches all three timelines.
+        assert_eq!(
+            until(&c.windows(&backup(1, 2 * SEG, 3 * SEG + 8))),
+            [(1, 6), (2, 8), (3, 6)]
+        );
+        // One between them stopped after 3 began: 3 is out of its reach, 2 is not.
+        assert_eq!(
+            until(&c.windows(&backup(1, 5 * SEG, 5 * SEG + 8))),
+            [(1, 6), (2, 8)]
+        );
     }
 }

@@ -24,7 +24,7 @@ pub use exclude::{
     classify, is_temp_relation_name, is_unlogged_skip, parse_relation_file_name,
     parse_relation_path, unlogged_relfilenodes, Disposition, Fork, RelFile,
 };
-pub use history::{parse_history, HistoryEntry};
+pub use history::{parse_history, timeline_path, HistoryEntry, TimelineSpan};
 pub use label::BackupLabel;
 pub use lsn::Lsn;
 pub use page::{

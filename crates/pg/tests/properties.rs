@@ -2,8 +2,8 @@
 
 use pgkeep_pg::{
     classify, is_temp_relation_name, parse_relation_path, parse_segment_header, pg_checksum_page,
-    verify_page, BackupLabel, ControlFile, Lsn, PageHeader, PageVerdict, RelFile, TimelineId,
-    WalFileName, WalSegSize,
+    timeline_path, verify_page, BackupLabel, ControlFile, HistoryEntry, Lsn, PageHeader,
+    PageVerdict, RelFile, TimelineId, WalFileName, WalSegSize,
 };
 use proptest::prelude::*;
 
@@ -176,4 +176,41 @@ proptest! {
         let path = format!("base/5/{}", rel.file_name());
         prop_assert_eq!(parse_relation_path(&path), Some(("base/5".to_owned(), rel)));
     }
+
+    #[test]
+    fn timeline_path_agrees_with_a_newest_first_lookup(
+        switchpoints in proptest::collection::vec(0u64..40, 0..6),
+        probes in proptest::collection::vec(0u64..48, 1..20),
+    ) {
+        let entries: Vec<HistoryEntry> = switchpoints
+            .iter()
+            .enumerate()
+            .map(|(i, &sp)| HistoryEntry { parent: TimelineId(i as u32 + 1), switchpoint: Lsn(sp) })
+            .collect();
+        let tli = TimelineId(entries.len() as u32 + 1);
+        let spans = timeline_path(tli, &entries);
+        for lsn in probes {
+            let owner = spans.iter().filter(|s| s.contains(Lsn(lsn))).map(|s| s.tli).collect::<Vec<_>>();
+            prop_assert_eq!(owner, vec![lookup(tli, &entries, lsn)]);
+        }
+    }
+}
+
+/// tliOfPointInHistory (timeline.c) on the list readTimeLineHistory builds: the file's own
+/// timeline from the last switch point, then each entry from the previous switch point to its
+/// own, newest first; the first range holding the LSN wins.
+fn lookup(tli: TimelineId, entries: &[HistoryEntry], lsn: u64) -> TimelineId {
+    let mut ranges = Vec::new();
+    let mut prev = 0;
+    for e in entries {
+        ranges.push((e.parent, prev, Some(e.switchpoint.0)));
+        prev = e.switchpoint.0;
+    }
+    ranges.push((tli, prev, None));
+    ranges
+        .iter()
+        .rev()
+        .find(|(_, begin, end)| *begin <= lsn && end.is_none_or(|e| lsn < e))
+        .map(|r| r.0)
+        .unwrap()
 }
