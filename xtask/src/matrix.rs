@@ -27,11 +27,13 @@ pub const VERSIONS: &[(u32, &str)] = &[
 ];
 
 /// The integration tests run on every major: archiving, full and incremental backups, PITR by
-/// time and by LSN, delta restore, validate and catalog rebuild (pg_control per major), the
-/// restore safety rules, and the repository's refusal of another major.
+/// time and by LSN, delta restore, validate and catalog rebuild (pg_control per major), recovery
+/// stopping at a damaged segment, the restore command, the choice of backup by timeline, and the
+/// repository's refusal of another major.
 pub const SUBSET: &[&str] = &[
     "archive::archiving_under_pgbench_loses_nothing_and_get_returns_identical_bytes",
     "archive::history_files_are_archived_and_returned",
+    "archive::recovery_stops_at_a_corrupt_archived_segment_instead_of_promoting_without_it",
     "backup::full_backup_under_pgbench_load_reaches_done_with_every_field",
     "incremental::a_full_diff_incr_incr_chain_restores_every_backup_to_its_data",
     "restore::restore_to_a_time_after_a_backup_under_load_matches_fingerprints",
@@ -40,6 +42,7 @@ pub const SUBSET: &[&str] = &[
     "validate::an_intact_repository_validates_ok_and_rewrites_backup_ini",
     "validate::a_deleted_catalog_is_rebuilt_from_the_repository_alone",
     "safety::the_written_restore_command_works_from_paths_with_spaces_and_quotes",
+    "timelines::restore_chooses_a_backup_on_the_history_of_the_latest_timeline",
     "init::a_repository_refuses_a_cluster_of_another_major_and_says_to_init_a_new_one",
 ];
 
