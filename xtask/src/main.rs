@@ -15,9 +15,16 @@ fn main() -> Result<()> {
         Some("ci") => ci(&args[1..]),
         Some("demo") => demo::demo(args.iter().any(|a| a == "--keep")),
         Some("bench") => bench::bench(&args[1..]),
+        Some("pg") => {
+            // `PGKEEP_PG_BIN=$(cargo xtask pg 14) cargo nextest run ...`: one major by hand.
+            for (_, version) in matrix::parse_majors(args.get(1).map_or("", String::as_str))? {
+                println!("{}", matrix::install(version)?.display());
+            }
+            Ok(())
+        }
         _ => {
             eprintln!(
-                "usage: cargo xtask ci [--majors 12,18|all|none] | demo [--keep] | bench [--scale S] [--runs N] [--keep]"
+                "usage: cargo xtask ci [--majors 12,18|all|none] | pg MAJOR | demo [--keep] | bench [--scale S] [--runs N] [--keep]"
             );
             std::process::exit(2);
         }

