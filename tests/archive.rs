@@ -339,7 +339,7 @@ fn rows_if_promoted(cluster: &Cluster) -> Option<i64> {
 }
 
 /// The repository file holding an archived WAL file.
-fn find_stored(repo: &Path, name: &str) -> PathBuf {
+pub(crate) fn find_stored(repo: &Path, name: &str) -> PathBuf {
     let mut stack = vec![repo.join("archive")];
     while let Some(dir) = stack.pop() {
         for e in fs::read_dir(&dir).unwrap() {

@@ -328,3 +328,40 @@ fn every_restored_file_is_durable_before_pg_control_is_written_and_pg_control_af
 fn read(p: &Path) -> String {
     fs::read_to_string(p).unwrap_or_default()
 }
+
+#[test]
+fn a_restore_past_a_missing_archived_segment_is_refused_naming_it() {
+    let mut cluster = Cluster::new();
+    cluster.execute("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 100)");
+    cluster.backup("full");
+    cluster.execute("INSERT INTO t SELECT generate_series(101, 200)");
+    let before_gap = cluster.query_text("SELECT pg_current_wal_lsn()::text");
+    cluster.switch_wal_and_wait();
+    cluster.execute("INSERT INTO t SELECT generate_series(201, 300)");
+    let lost = cluster.switch_wal_and_wait();
+    cluster.execute("INSERT INTO t SELECT generate_series(301, 400)");
+    cluster.switch_wal_and_wait();
+    // The segment is gone from the archive, object and catalog row, as if never archived.
+    fs::remove_file(crate::archive::find_stored(&cluster.repo, &lost)).unwrap();
+    let catalog = pgkeep_catalog::Catalog::open(&cluster.repo.join("catalog.db")).unwrap();
+    catalog.delete_wal(&lost).unwrap();
+    drop(catalog);
+    for sidecar in ["catalog.db-wal", "catalog.db-shm"] {
+        let p = cluster.repo.join(sidecar);
+        if p.exists() {
+            chown_to_postgres(&p);
+        }
+    }
+    cluster.stop_and_wipe();
+    // Recovery would stop at the hole and promote with 200 of 400 rows: refused.
+    let run = cluster.restore(&[]);
+    assert_refused(&run, &[&lost, "missing"]);
+    let run = cluster.restore(&["--target-lsn", "FFFFFFFF/0"]);
+    assert_refused(&run, &[&lost]);
+    // A target before the hole is what a DBA asks for then, and it works.
+    let run = cluster.restore(&["--target-lsn", &before_gap, "--target-action", "promote"]);
+    assert!(run.success(), "{run:?}");
+    cluster.start();
+    cluster.wait_promoted();
+    assert_eq!(cluster.query_text("SELECT count(*)::text FROM t"), "200");
+}

@@ -37,6 +37,7 @@ use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::timeline::{plan_restore, Choice, Histories};
 use crate::user;
+use crate::walchain::WalChain;
 
 /// Where recovery stops.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,6 +137,7 @@ pub fn restore(
     let files = &chain.newest;
     check_entries(&backup.label, files)?;
     check_wal(&repo, &backup)?;
+    check_no_gap(&repo, &choice, &opts.target)?;
     let pgdata = &opts.pgdata;
     let layout = Layout::plan(files, opts)?;
     check_target_dir(pgdata, opts.delta, repo.identity.system_identifier)?;
@@ -501,6 +503,30 @@ pub fn choose_backup(repo: &Repo, opts: &RestoreOptions) -> Result<Choice> {
         opts.timeline,
         opts.backup.as_deref(),
     )
+}
+
+/// Recovery asks for segments one by one and ends, promoting, at the first one the archive does
+/// not have. Refuse a target that lies past a missing segment when later ones are archived, so a
+/// restore never silently stops short; a time, xid or name target past it is left to PostgreSQL,
+/// which refuses to end recovery before its target (13+).
+fn check_no_gap(repo: &Repo, choice: &Choice, target: &RecoveryTarget) -> Result<()> {
+    let path = Histories::load(repo)?.path(choice.timeline)?;
+    let chain = WalChain::from_repo(repo)?;
+    let Some((missing, at)) = chain.first_gap_on_path(&choice.backup, &path) else {
+        return Ok(());
+    };
+    let past = match target {
+        RecoveryTarget::EndOfArchive => true,
+        RecoveryTarget::Lsn(lsn) => *lsn >= at,
+        _ => false,
+    };
+    if past {
+        bail!(
+            "WAL segment {missing} is missing from the archive but later segments are there: recovery from backup {} would stop at {at} and promote without them; put the segment back, or restore to a point before it with --target-lsn or --target-time (`pgkeep validate` lists the gaps)",
+            choice.backup.label
+        );
+    }
+    Ok(())
 }
 
 /// Every segment from the backup's start to its stop must be in the archive.

@@ -126,7 +126,7 @@ impl Histories {
 
     /// The path of timeline `tli` through its ancestors. A timeline without a history file has
     /// no ancestors, as readTimeLineHistory assumes (timeline.c).
-    fn path(&self, tli: TimelineId) -> Result<Vec<TimelineSpan>> {
+    pub fn path(&self, tli: TimelineId) -> Result<Vec<TimelineSpan>> {
         match self.files.get(&tli) {
             Some(Ok(entries)) => Ok(timeline_path(tli, entries)),
             Some(Err(e)) => bail!(

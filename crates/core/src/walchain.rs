@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context, Result};
 use pgkeep_catalog::BackupRecord;
 use pgkeep_pg::{
-    parse_history, segment_name, timeline_path, HistoryEntry, Lsn, TimelineId, WalFileName,
-    WalSegSize,
+    parse_history, segment_name, timeline_path, HistoryEntry, Lsn, TimelineId, TimelineSpan,
+    WalFileName, WalSegSize,
 };
 use pgkeep_repo::{fetch_decompressed, keys};
 
@@ -190,6 +190,42 @@ impl WalChain {
         out
     }
 
+    /// The first segment that recovery from backup `b` along `path` (the spans of the timeline
+    /// it follows, oldest first) would ask for and not find while the archive holds later
+    /// segments on that path: recovery would end there, short of the end of the archive. The
+    /// segment's name and the LSN it starts at.
+    pub fn first_gap_on_path(
+        &self,
+        b: &BackupRecord,
+        path: &[TimelineSpan],
+    ) -> Option<(String, Lsn)> {
+        // Recovery reads each segment from the newest timeline of the path that had begun by
+        // then (XLogFileReadAnyTLI, xlogrecovery.c).
+        let serving = |segno: u64| {
+            path.iter()
+                .rev()
+                .find(|s| s.begin.segment_number(self.seg) <= segno)
+                .map(|s| s.tli)
+        };
+        let start = b.start_lsn.segment_number(self.seg);
+        let last = path
+            .iter()
+            .filter_map(|span| {
+                let present = self.segments.get(&span.tli)?;
+                present
+                    .range(start..)
+                    .rev()
+                    .find(|&&s| serving(s) == Some(span.tli))
+                    .copied()
+            })
+            .max()?;
+        (start..=last).find_map(|segno| {
+            let tli = serving(segno)?;
+            (!self.has(tli, segno))
+                .then(|| (self.name(tli, segno), Lsn::from_segment(segno, self.seg)))
+        })
+    }
+
     /// Segment names for messages.
     pub fn name(&self, tli: TimelineId, segno: u64) -> String {
         segment_name(tli, segno, self.seg)
@@ -307,6 +343,43 @@ pub(crate) mod tests {
             page_checksum_failures: 0,
             error: None,
         }
+    }
+
+    #[test]
+    fn a_missing_segment_before_later_ones_on_the_followed_path_is_found() {
+        let one = [TimelineSpan {
+            tli: TimelineId(1),
+            begin: Lsn(0),
+            end: None,
+        }];
+        let b = backup(1, 2 * SEG + 40, 3 * SEG + 100);
+        // Segments 2..=6 of timeline 1 without 5: recovery would stop at 5 though 6 is there.
+        let c = chain(&[(1, 2), (1, 3), (1, 4), (1, 6)], &[]);
+        let (name, at) = c.first_gap_on_path(&b, &one).unwrap();
+        assert_eq!(name, "000000010000000000000005");
+        assert_eq!(at, Lsn(5 * SEG));
+        // The end of the archive is no gap.
+        let c = chain(&[(1, 2), (1, 3), (1, 4)], &[]);
+        assert_eq!(c.first_gap_on_path(&b, &one), None);
+        // Following timeline 2 (begun in segment 4): 4 and later come from timeline 2, so
+        // timeline 1's missing 5 does not matter, timeline 2's missing 5 does.
+        let two = [
+            TimelineSpan {
+                tli: TimelineId(1),
+                begin: Lsn(0),
+                end: Some(Lsn(4 * SEG + 8)),
+            },
+            TimelineSpan {
+                tli: TimelineId(2),
+                begin: Lsn(4 * SEG + 8),
+                end: None,
+            },
+        ];
+        let c = chain(&[(1, 2), (1, 3), (2, 4), (2, 5), (2, 6), (1, 6)], &[]);
+        assert_eq!(c.first_gap_on_path(&b, &two), None);
+        let c = chain(&[(1, 2), (1, 3), (2, 4), (1, 5), (2, 6)], &[]);
+        let (name, _) = c.first_gap_on_path(&b, &two).unwrap();
+        assert_eq!(name, "000000020000000000000005");
     }
 
     /// (timeline, first, last) of each gap.
