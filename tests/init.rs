@@ -85,12 +85,7 @@ fn a_repository_refuses_a_cluster_of_another_major_and_says_to_init_a_new_one() 
     )
     .unwrap();
     drop(db);
-    for sidecar in ["catalog.db-wal", "catalog.db-shm"] {
-        let p = cluster.repo.join(sidecar);
-        if p.exists() {
-            crate::harness::chown_to_postgres(&p);
-        }
-    }
+    crate::harness::give_catalog_to_postgres(&cluster.repo);
     for args in [&["backup", "--type", "full"][..], &["init"][..]] {
         let run = cluster.pgkeep(args);
         assert_eq!(run.code, Some(1), "{args:?}: {run:?}");

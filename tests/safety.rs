@@ -206,12 +206,7 @@ fn entries_that_lead_out_of_the_data_directory_are_refused_everywhere() {
     under.path = "evil/pwned".into();
     catalog.insert_files(&label, &[link, under]).unwrap();
     drop(catalog);
-    for sidecar in ["catalog.db-wal", "catalog.db-shm"] {
-        let p = cluster.repo.join(sidecar);
-        if p.exists() {
-            chown_to_postgres(&p);
-        }
-    }
+    crate::harness::give_catalog_to_postgres(&cluster.repo);
 
     // restore, run as root as a DBA may: refused before writing anything.
     let dest = cluster.dir.path().join("restored");
@@ -346,12 +341,7 @@ fn a_restore_past_a_missing_archived_segment_is_refused_naming_it() {
     let catalog = pgkeep_catalog::Catalog::open(&cluster.repo.join("catalog.db")).unwrap();
     catalog.delete_wal(&lost).unwrap();
     drop(catalog);
-    for sidecar in ["catalog.db-wal", "catalog.db-shm"] {
-        let p = cluster.repo.join(sidecar);
-        if p.exists() {
-            chown_to_postgres(&p);
-        }
-    }
+    crate::harness::give_catalog_to_postgres(&cluster.repo);
     cluster.stop_and_wipe();
     // Recovery would stop at the hole and promote with 200 of 400 rows: refused.
     let run = cluster.restore(&[]);

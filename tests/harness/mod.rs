@@ -88,6 +88,17 @@ pub fn chown_to_postgres(path: &Path) {
     }
 }
 
+/// After a test edited the catalog as root, give SQLite's side files back to the `postgres`
+/// user, or the next pgkeep command cannot open the catalog.
+pub fn give_catalog_to_postgres(repo: &Path) {
+    for sidecar in ["catalog.db-wal", "catalog.db-shm"] {
+        let p = repo.join(sidecar);
+        if p.exists() {
+            chown_to_postgres(&p);
+        }
+    }
+}
+
 /// Flips one bit of a stored lz4 object at `path`, at or after its middle, where that changes
 /// what the object decodes to. Not every flip in an lz4 stream does: one in the offset of a
 /// match inside a run of zeros can point at other zeros and decode to the very same bytes, and
