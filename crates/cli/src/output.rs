@@ -203,9 +203,13 @@ pub fn print_restore_summary(s: &RestoreSummary, opts: &RestoreOptions) {
         RecoveryTarget::Xid(x) => format!("xid {x}"),
         RecoveryTarget::Name(n) => format!("restore point {n}"),
     };
+    let next = match &opts.standby {
+        Some(_) => "as a standby (standby.signal); start PostgreSQL: it replays the archive, then streams from its primary".to_string(),
+        None => format!("recovery target: {target}; start PostgreSQL to recover"),
+    };
     println!("{}", s.choice);
     println!(
-        "restored backup {} into {}: {} files written ({}), {} kept, {:.1} s; recovery target: {target}; start PostgreSQL to recover",
+        "restored backup {} into {}: {} files written ({}), {} kept, {:.1} s; {next}",
         s.backup.label,
         opts.pgdata.display(),
         s.files_written,
