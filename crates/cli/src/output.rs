@@ -10,10 +10,11 @@ use pgkeep_core::validate::{Cut, ValidateReport};
 /// A pg_rman-like table of backups, oldest first.
 pub fn print_backups(backups: &[Shown]) {
     println!(
-        "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {:<18} RESTORABLE UNTIL",
+        "{:<18} {:<4} {:<8} {:<7} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {:<18} RESTORABLE UNTIL",
         "LABEL",
         "TYPE",
         "STATUS",
+        "FROM",
         "START",
         "DATA",
         "STORED",
@@ -31,10 +32,11 @@ pub fn print_backups(backups: &[Shown]) {
             String::new()
         };
         println!(
-            "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {:<18} {}",
+            "{:<18} {:<4} {:<8} {:<7} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {:<18} {}",
             b.label,
             b.backup_type.as_str(),
             b.status.as_str(),
+            if b.from_standby { "standby" } else { "primary" },
             b.start_time.format("%Y-%m-%d %H:%M:%S"),
             human_bytes(b.data_bytes),
             human_bytes(b.stored_bytes),
