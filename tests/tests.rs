@@ -12,6 +12,7 @@ mod incremental;
 mod init;
 mod restore;
 mod safety;
+mod standby;
 mod tidy;
 mod timelines;
 mod validate;

@@ -248,6 +248,30 @@ fn next_port() -> u16 {
     20000 + ((std::process::id() % 2000) as u16) * 16 + n % 16
 }
 
+/// A pgkeep config for the server at `data`, `sock` and `port`, with `[primary]` at the given
+/// socket directory and port when it is a standby.
+pub fn config_text(
+    repo: &Path,
+    data: &Path,
+    sock: &Path,
+    port: u16,
+    primary: Option<(&Path, u16)>,
+) -> String {
+    let mut text = format!(
+        "[repo]\npath = \"{}\"\n[pg]\ndata = \"{}\"\nhost = \"{}\"\nport = {port}\nuser = \"postgres\"\n[backup]\narchive-timeout = 60\n[archive]\ncheck-timeout = 30\n",
+        repo.display(),
+        data.display(),
+        sock.display()
+    );
+    if let Some((host, port)) = primary {
+        text.push_str(&format!(
+            "[primary]\nhost = \"{}\"\nport = {port}\nuser = \"postgres\"\n",
+            host.display()
+        ));
+    }
+    text
+}
+
 /// A running throwaway cluster with its own pgkeep config and repository.
 pub struct Cluster {
     pub dir: TestDir,
@@ -269,23 +293,11 @@ impl Cluster {
 
     pub fn with(opts: ClusterOptions) -> Cluster {
         let dir = TestDir::new();
-        let data = dir.path().join("data");
-        let sock = dir.subdir("sock");
         let repo = dir.path().join("repo");
-        let log = dir.path().join("server.log");
-        let pgkeep_bin = install_pgkeep(&dir);
-        let port = next_port();
-        let config = dir.write(
-            "pgkeep.toml",
-            format!(
-                "[repo]\npath = \"{}\"\n[pg]\ndata = \"{}\"\nhost = \"{}\"\nport = {port}\nuser = \"postgres\"\n[backup]\narchive-timeout = 60\n[archive]\ncheck-timeout = 30\n",
-                repo.display(),
-                data.display(),
-                sock.display()
-            ),
-        );
+        let mut cluster = Cluster::unstarted(dir, repo, None);
+        let c = &cluster;
         let out = user_command(pg_bin().join("initdb"))
-            .current_dir(dir.path())
+            .current_dir(c.dir.path())
             .args([
                 "-k",
                 "-N",
@@ -297,7 +309,7 @@ impl Cluster {
                 "--locale=C",
                 "-D",
             ])
-            .arg(&data)
+            .arg(&c.data)
             .args(&opts.initdb_args)
             .output()
             .unwrap();
@@ -307,9 +319,9 @@ impl Cluster {
             Run::from_output(out)
         );
         let mut conf = vec![
-            format!("port = {port}"),
+            format!("port = {}", c.port),
             "listen_addresses = ''".to_string(),
-            format!("unix_socket_directories = '{}'", sock.display()),
+            format!("unix_socket_directories = '{}'", c.sock.display()),
             "wal_level = replica".to_string(),
             "max_wal_senders = 4".to_string(),
             "fsync = off".to_string(),
@@ -327,27 +339,16 @@ impl Cluster {
             conf.push("archive_mode = on".to_string());
             conf.push(format!(
                 "archive_command = '{} --config {} archive-push %p'",
-                pgkeep_bin.display(),
-                config.display()
+                c.pgkeep_bin.display(),
+                c.config.display()
             ));
         }
         conf.extend(opts.conf.iter().cloned());
-        let mut text = fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        let mut text = fs::read_to_string(c.data.join("postgresql.conf")).unwrap();
         text.push_str("\n# test harness\n");
         text.push_str(&conf.join("\n"));
         text.push('\n');
-        fs::write(data.join("postgresql.conf"), text).unwrap();
-        let mut cluster = Cluster {
-            dir,
-            data,
-            sock,
-            port,
-            pgkeep_bin,
-            config,
-            repo,
-            log,
-            running: false,
-        };
+        fs::write(c.data.join("postgresql.conf"), text).unwrap();
         cluster.start();
         if opts.init_repo {
             cluster.pgkeep_ok(&["init"]);
@@ -734,4 +735,122 @@ pub fn pg_ctl_start(data: &Path, log: &Path) -> bool {
 /// Stop the server of a data directory started with [`pg_ctl_start`] (fast shutdown).
 pub fn pg_ctl_stop_fast(data: &Path) {
     pg_ctl_stop(data, "fast");
+}
+
+impl Cluster {
+    /// A second server beside this one, for a replica: its own directory, port, socket and log,
+    /// and a pgkeep config whose `[pg]` is the replica, `[primary]` this cluster and `[repo]`
+    /// this cluster's repository. Its data directory does not exist yet: fill it (see
+    /// [`Cluster::standby_of`], or `restore --standby`), call [`Cluster::own_settings`], start.
+    pub fn replica_dir(&self) -> Cluster {
+        Cluster::unstarted(
+            TestDir::new(),
+            self.repo.clone(),
+            Some((&self.sock, self.port)),
+        )
+    }
+
+    /// A server's places in `dir` (its data directory not yet created), its pgkeep and config.
+    fn unstarted(dir: TestDir, repo: PathBuf, primary: Option<(&Path, u16)>) -> Cluster {
+        let data = dir.path().join("data");
+        let sock = dir.subdir("sock");
+        let log = dir.path().join("server.log");
+        let pgkeep_bin = install_pgkeep(&dir);
+        let port = next_port();
+        let config = dir.write(
+            "pgkeep.toml",
+            config_text(&repo, &data, &sock, port, primary),
+        );
+        Cluster {
+            dir,
+            data,
+            sock,
+            port,
+            pgkeep_bin,
+            config,
+            repo,
+            log,
+            running: false,
+        }
+    }
+
+    /// A streaming standby of this cluster, made by `pg_basebackup -R` and started.
+    pub fn standby_of(primary: &Cluster) -> Cluster {
+        let mut standby = primary.replica_dir();
+        let run = user_command(pg_client("pg_basebackup"))
+            .current_dir(standby.dir.path())
+            .args(["-R", "-X", "stream", "-c", "fast", "-U", "postgres", "-h"])
+            .arg(&primary.sock)
+            .arg("-p")
+            .arg(primary.port.to_string())
+            .arg("-D")
+            .arg(&standby.data)
+            .output()
+            .unwrap();
+        let run = Run::from_output(run);
+        assert!(run.success(), "pg_basebackup failed: {run:?}");
+        standby.own_settings();
+        standby.start();
+        standby.wait_streaming_from(primary);
+        standby
+    }
+
+    /// Give a data directory copied from another cluster this server's port and socket, and an
+    /// archive_command with this server's config (which takes effect once it is promoted), as
+    /// each host of a real pair has its own. postgresql.auto.conf wins over postgresql.conf.
+    pub fn own_settings(&self) {
+        let auto = self.data.join("postgresql.auto.conf");
+        let mut text = fs::read_to_string(&auto).unwrap_or_default();
+        text.push_str(&format!(
+            "port = {}\nunix_socket_directories = '{}'\narchive_command = '{} --config {} archive-push %p'\n",
+            self.port,
+            self.sock.display(),
+            self.pgkeep_bin.display(),
+            self.config.display()
+        ));
+        fs::write(&auto, text).unwrap();
+        chown_to_postgres(&auto);
+    }
+
+    /// libpq connection string of this server, for a replica's primary_conninfo.
+    pub fn conninfo(&self) -> String {
+        format!(
+            "host={} port={} user=postgres",
+            self.sock.display(),
+            self.port
+        )
+    }
+
+    /// Wait until `primary`'s pg_stat_replication shows a streaming standby and this server has
+    /// replayed everything the primary had written when asked.
+    pub fn wait_streaming_from(&self, primary: &Cluster) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while primary
+            .query_text("SELECT count(*)::text FROM pg_stat_replication WHERE state = 'streaming'")
+            == "0"
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no streaming standby after 60 s; standby log:\n{}",
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.wait_replayed(primary);
+    }
+
+    /// Wait until this standby has replayed what `primary` had written when asked.
+    pub fn wait_replayed(&self, primary: &Cluster) {
+        let target = primary.query_text("SELECT pg_current_wal_lsn()::text");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let sql = format!("SELECT (pg_last_wal_replay_lsn() >= '{target}')::text");
+        while self.query_text(&sql) != "true" {
+            assert!(
+                Instant::now() < deadline,
+                "standby did not replay {target} in 60 s; standby log:\n{}",
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }

@@ -42,6 +42,7 @@ pub const SUBSET: &[&str] = &[
     "validate::an_intact_repository_validates_ok_and_rewrites_backup_ini",
     "validate::a_deleted_catalog_is_rebuilt_from_the_repository_alone",
     "safety::the_written_restore_command_works_from_paths_with_spaces_and_quotes",
+    "standby::restore_standby_builds_a_replica_that_streams_and_a_delta_reseeds_it",
     "timelines::restore_chooses_a_backup_on_the_history_of_the_latest_timeline",
     "init::a_repository_refuses_a_cluster_of_another_major_and_says_to_init_a_new_one",
 ];

@@ -21,7 +21,7 @@ pub const MANIFEST_FILE: &str = "manifest";
 const INI_HEADER: &str = "# pgkeep backup metadata, format 1";
 
 /// Keys of `backup.ini` in the order they are written.
-const INI_KEYS: [&str; 23] = [
+const INI_KEYS: [&str; 24] = [
     "LABEL",
     "BACKUP_TYPE",
     "STATUS",
@@ -45,6 +45,7 @@ const INI_KEYS: [&str; 23] = [
     "HOSTNAME",
     "PAGE_CHECKSUM_FAILURES",
     "ERROR",
+    "FROM_STANDBY",
 ];
 
 /// `backup.ini`: a comment line, then one `KEY=VALUE` line per [`BackupRecord`] field in a fixed
@@ -52,10 +53,11 @@ const INI_KEYS: [&str; 23] = [
 /// `START_TIME=2026-11-21T10:15:00.123456Z`. Keys are the field names in UPPER_SNAKE case
 /// (`backup_type` is `BACKUP_TYPE`). Absent optional values are written empty (`PARENT=`), so an
 /// optional text field that is `Some("")` reads back as None. Numbers are decimal, LSNs `X/X`,
-/// times RFC 3339 UTC with microseconds, `DATA_CHECKSUMS` is `true` or `false`.
+/// times RFC 3339 UTC with microseconds, `DATA_CHECKSUMS` and `FROM_STANDBY` are `true` or
+/// `false` (a missing `FROM_STANDBY` reads as `false`).
 pub fn backup_ini(b: &BackupRecord) -> String {
     let opt = |v: &Option<String>| v.as_deref().map(escape).unwrap_or_default();
-    let values: [String; 23] = [
+    let values: [String; 24] = [
         escape(&b.label),
         b.backup_type.to_string(),
         b.status.to_string(),
@@ -79,6 +81,7 @@ pub fn backup_ini(b: &BackupRecord) -> String {
         escape(&b.hostname),
         b.page_checksum_failures.to_string(),
         opt(&b.error),
+        b.from_standby.to_string(),
     ];
     let mut out = String::with_capacity(1024);
     out.push_str(INI_HEADER);
@@ -129,6 +132,10 @@ pub fn parse_backup_ini(text: &str) -> Result<BackupRecord> {
         page_checksum_failures: ini
             .parsed("PAGE_CHECKSUM_FAILURES", "a page count", |s| s.parse().ok())?,
         error: ini.opt_text("ERROR"),
+        // Absent from the backup.ini of backups made before standbys could be backed up.
+        from_standby: ini
+            .opt_parsed("FROM_STANDBY", "true or false", |s| s.parse().ok())?
+            .unwrap_or(false),
     })
 }
 

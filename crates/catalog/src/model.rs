@@ -214,6 +214,8 @@ pub struct BackupRecord {
     pub page_checksum_failures: u64,
     /// Why the backup failed or was found corrupt.
     pub error: Option<String>,
+    /// Whether the backup was copied from a standby (its primary switched WAL for it).
+    pub from_standby: bool,
 }
 
 /// One entry of a backup: a file, a directory or a symbolic link.

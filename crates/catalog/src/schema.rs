@@ -1,7 +1,7 @@
 //! The catalog's SQL schema and its migrations.
 //!
 //! The schema version lives in `PRAGMA user_version`; `PRAGMA application_id` marks the file as a
-//! pgkeep catalog. `MIGRATIONS[i]` takes a catalog from version `i` to `i + 1`. To add version 2,
+//! pgkeep catalog. `MIGRATIONS[i]` takes a catalog from version `i` to `i + 1`. To add a version,
 //! append its SQL to `MIGRATIONS`; never edit an entry that has been released.
 //!
 //! Unsigned 64-bit values (system identifier, LSNs, byte counts) are stored in INTEGER columns as
@@ -18,7 +18,7 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 pub(crate) const APPLICATION_ID: i32 = 0x5047_4B50;
 
 /// SQL that takes the schema from version `i` to `i + 1`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
 
 const V1: &str = "
 CREATE TABLE repo_identity (
@@ -90,4 +90,11 @@ CREATE TABLE wal (
     archived_at  TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX wal_timeline_segno ON wal (timeline, segno);
+";
+
+/// Whether a backup was taken from a standby. Backups made before this column existed were all
+/// taken from a primary, hence the default.
+const V2: &str = "
+ALTER TABLE backup ADD COLUMN from_standby INTEGER NOT NULL DEFAULT 0
+    CHECK (from_standby IN (0, 1));
 ";

@@ -51,7 +51,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 const BACKUP_COLUMNS: &str = "label, backup_type, status, parent, timeline, start_lsn, stop_lsn, \
      start_wal, stop_wal, start_time, end_time, recovery_time, data_bytes, stored_bytes, files, \
      pg_version_num, system_identifier, block_size, data_checksums, pid, hostname, \
-     page_checksum_failures, error";
+     page_checksum_failures, error, from_standby";
 
 const FILE_COLUMNS: &str = "path, kind, size, mode, uid, gid, mtime, link_target, crc32c, sha256, \
      stored_size, stored_in, n_blocks, page_delta";
@@ -341,7 +341,7 @@ impl Db<'_> {
                  end_time = ?11, recovery_time = ?12, data_bytes = ?13, stored_bytes = ?14, \
                  files = ?15, pg_version_num = ?16, system_identifier = ?17, block_size = ?18, \
                  data_checksums = ?19, pid = ?20, hostname = ?21, page_checksum_failures = ?22, \
-                 error = ?23 WHERE label = ?1",
+                 error = ?23, from_standby = ?24 WHERE label = ?1",
                 params_from_iter(values),
             )
             .map_err(|e| self.fail(e, format!("updating backup {}", b.label)))?;
@@ -583,7 +583,7 @@ impl Db<'_> {
             .execute(
                 &format!(
                     "INSERT INTO backup ({BACKUP_COLUMNS}) VALUES ({})",
-                    placeholders(23)
+                    placeholders(24)
                 ),
                 params_from_iter(backup_values(b)),
             )
@@ -807,8 +807,8 @@ fn placeholders(n: usize) -> String {
         .join(", ")
 }
 
-/// Parameters ?1..?23 in [`BACKUP_COLUMNS`] order.
-fn backup_values(b: &BackupRecord) -> [Value; 23] {
+/// Parameters ?1..?24 in [`BACKUP_COLUMNS`] order.
+fn backup_values(b: &BackupRecord) -> [Value; 24] {
     [
         b.label.clone().into(),
         b.backup_type.as_str().to_string().into(),
@@ -833,6 +833,7 @@ fn backup_values(b: &BackupRecord) -> [Value; 23] {
         b.hostname.clone().into(),
         (b.page_checksum_failures as i64).into(),
         b.error.clone().into(),
+        b.from_standby.into(),
     ]
 }
 
@@ -861,6 +862,7 @@ fn backup_from_row(row: &Row<'_>) -> rusqlite::Result<BackupRecord> {
         hostname: row.get(20)?,
         page_checksum_failures: u64_col(row, 21)?,
         error: row.get(22)?,
+        from_standby: row.get(23)?,
     })
 }
 

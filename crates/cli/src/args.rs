@@ -47,8 +47,9 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
     },
-    /// Rebuild a data directory from a backup and set up point-in-time recovery.
-    Restore(RestoreArgs),
+    /// Rebuild a data directory from a backup and set up point-in-time recovery, or a replica.
+    // Boxed: its many flags would make every other command's value as large.
+    Restore(Box<RestoreArgs>),
     /// List backups (oldest first), or show one.
     Show {
         /// Only this backup.
@@ -124,6 +125,13 @@ pub struct RestoreArgs {
     /// without it pg_wal is a plain directory inside --pgdata, whatever the source had.
     #[arg(long, value_name = "DIR")]
     pub waldir: Option<PathBuf>,
+    /// Build a streaming replica: standby.signal instead of recovery.signal, no recovery target;
+    /// the replica replays the archive, then streams from its primary.
+    #[arg(long)]
+    pub standby: bool,
+    /// The replica's primary_conninfo, e.g. "host=db1 port=5432 user=replicator" (with --standby).
+    #[arg(long, value_name = "CONNINFO", requires = "standby")]
+    pub primary_conninfo: Option<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]

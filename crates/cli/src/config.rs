@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use pgkeep_core::config::{ArchiveConfig, BackupConfig, Config, PgConfig, RepoConfig};
+use pgkeep_core::config::{
+    ArchiveConfig, BackupConfig, Config, PgConfig, PrimaryConfig, RepoConfig,
+};
 
 const DEFAULT_PATH: &str = "/etc/pgkeep/pgkeep.toml";
 
@@ -26,7 +28,8 @@ impl std::error::Error for ConfigError {}
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct File {
     repo: RepoSection,
-    pg: PgSection,
+    pg: ServerSection,
+    primary: Option<ServerSection>,
     #[serde(default)]
     backup: BackupSection,
     #[serde(default)]
@@ -39,10 +42,12 @@ struct RepoSection {
     path: PathBuf,
 }
 
+/// `[pg]`, the server to back up, or `[primary]`, the primary of a standby `[pg]`: the same
+/// keys, but only `[pg]` has a data directory (pgkeep copies the standby's).
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct PgSection {
-    data: PathBuf,
+struct ServerSection {
+    data: Option<PathBuf>,
     #[serde(default = "default_host")]
     host: String,
     #[serde(default = "default_port")]
@@ -59,6 +64,7 @@ struct BackupSection {
     fast_checkpoint: Option<bool>,
     jobs: Option<usize>,
     archive_timeout: Option<u64>,
+    standby_max_lag: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -121,9 +127,30 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             )))
         }
     };
+    let data = file.pg.data.ok_or_else(|| {
+        ConfigError(format!(
+            "config file {}: [pg] data is missing: set it to the cluster's data directory",
+            path.display()
+        ))
+    })?;
+    if file.primary.as_ref().is_some_and(|p| p.data.is_some()) {
+        return Err(ConfigError(format!(
+            "config file {}: [primary] takes no data key: pgkeep copies the standby's [pg] data",
+            path.display()
+        )));
+    }
     absolute(&file.repo.path, "[repo] path")?;
-    absolute(&file.pg.data, "[pg] data")?;
+    absolute(&data, "[pg] data")?;
     let defaults = BackupConfig::default();
+    let standby_max_lag = match &file.backup.standby_max_lag {
+        Some(text) => parse_duration(text).ok_or_else(|| {
+            ConfigError(format!(
+                "config file {}: [backup] standby-max-lag = {text:?} is not a duration: use e.g. \"60s\", \"5min\" or \"1h\"",
+                path.display()
+            ))
+        })?,
+        None => defaults.standby_max_lag,
+    };
     let backup = BackupConfig {
         fast_checkpoint: file
             .backup
@@ -134,6 +161,7 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             .backup
             .archive_timeout
             .map_or(defaults.archive_timeout, Duration::from_secs),
+        standby_max_lag,
     };
     let archive = ArchiveConfig {
         check_timeout: file
@@ -147,15 +175,37 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             path: file.repo.path,
         },
         pg: PgConfig {
-            data: file.pg.data,
+            data,
             host: file.pg.host,
             port: file.pg.port,
             user: file.pg.user,
             database: file.pg.database,
         },
+        primary: file.primary.map(|p| PrimaryConfig {
+            host: p.host,
+            port: p.port,
+            user: p.user,
+            database: p.database,
+        }),
         backup,
         archive,
     })
+}
+
+/// A duration written as a number and a unit: `ms`, `s`, `min` (or `m`), `h`; e.g. "60s".
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let ms = match unit.trim() {
+        "ms" => 1,
+        "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    n.checked_mul(ms).map(Duration::from_millis)
 }
 
 #[cfg(test)]
@@ -194,6 +244,36 @@ user = "postgres"
         let text = MINIMAL.replace("/var/lib/pgkeep", "repo");
         let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
         assert!(err.contains("[repo] path"), "{err}");
+    }
+
+    #[test]
+    fn primary_section_and_standby_max_lag_parse() {
+        let text = format!(
+            "{MINIMAL}[primary]\nhost = \"db1\"\nport = 5433\n[backup]\nstandby-max-lag = \"2min\"\n"
+        );
+        let cfg = parse(&text, Path::new("/x.toml")).unwrap();
+        let primary = cfg.primary.unwrap();
+        assert_eq!((primary.host.as_str(), primary.port), ("db1", 5433));
+        assert_eq!(primary.user, "postgres");
+        assert_eq!(cfg.backup.standby_max_lag, Duration::from_secs(120));
+        assert!(parse(MINIMAL, Path::new("/x.toml"))
+            .unwrap()
+            .primary
+            .is_none());
+    }
+
+    #[test]
+    fn durations_need_a_known_unit() {
+        assert_eq!(parse_duration("60s"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5 min"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        for bad in ["60", "s", "1.5s", "-1s", "10 parsecs", ""] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+        let text = format!("{MINIMAL}[backup]\nstandby-max-lag = \"soon\"\n");
+        let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
+        assert!(err.contains("standby-max-lag"), "{err}");
     }
 
     #[test]

@@ -182,7 +182,7 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
             output::print_backup_summary(&s);
         }
         Command::Restore(raw) => {
-            let opts = options::restore_options(raw)?;
+            let opts = options::restore_options(*raw)?;
             let progress = progress::CliProgress::new();
             let s = pgkeep_core::restore::restore(&cfg, &opts, &progress)?;
             output::print_restore_summary(&s, &opts);

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use chrono::{DateTime, Local, NaiveDateTime, TimeZone, Utc};
-use pgkeep_core::restore::{RecoveryTarget, RestoreOptions, TargetAction, TargetTimeline};
+use pgkeep_core::restore::{
+    RecoveryTarget, RestoreOptions, StandbyOptions, TargetAction, TargetTimeline,
+};
 use pgkeep_pg::{Lsn, TimelineId};
 
 use crate::args::{ActionArg, RestoreArgs};
@@ -32,6 +34,11 @@ pub fn restore_options(raw: RestoreArgs) -> Result<RestoreOptions, ConfigError> 
     } else {
         RecoveryTarget::EndOfArchive
     };
+    if raw.standby && target != RecoveryTarget::EndOfArchive {
+        return Err(usage(
+            "--standby takes no recovery target: a standby replays the archive, then streams from its primary; drop the --target* option or --standby".into(),
+        ));
+    }
     let timeline = raw
         .target_timeline
         .map(|t| match t.as_str() {
@@ -92,6 +99,9 @@ pub fn restore_options(raw: RestoreArgs) -> Result<RestoreOptions, ConfigError> 
         jobs: raw.jobs,
         tablespace_map,
         waldir: raw.waldir,
+        standby: raw.standby.then_some(StandbyOptions {
+            primary_conninfo: raw.primary_conninfo,
+        }),
     })
 }
 

@@ -10,10 +10,11 @@ use pgkeep_core::validate::{Cut, ValidateReport};
 /// A pg_rman-like table of backups, oldest first.
 pub fn print_backups(backups: &[Shown]) {
     println!(
-        "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {:<18} RESTORABLE UNTIL",
+        "{:<18} {:<4} {:<8} {:<7} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {:<18} RESTORABLE UNTIL",
         "LABEL",
         "TYPE",
         "STATUS",
+        "FROM",
         "START",
         "DATA",
         "STORED",
@@ -31,10 +32,11 @@ pub fn print_backups(backups: &[Shown]) {
             String::new()
         };
         println!(
-            "{:<18} {:<4} {:<8} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {:<18} {}",
+            "{:<18} {:<4} {:<8} {:<7} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {:<18} {}",
             b.label,
             b.backup_type.as_str(),
             b.status.as_str(),
+            if b.from_standby { "standby" } else { "primary" },
             b.start_time.format("%Y-%m-%d %H:%M:%S"),
             human_bytes(b.data_bytes),
             human_bytes(b.stored_bytes),
@@ -203,9 +205,13 @@ pub fn print_restore_summary(s: &RestoreSummary, opts: &RestoreOptions) {
         RecoveryTarget::Xid(x) => format!("xid {x}"),
         RecoveryTarget::Name(n) => format!("restore point {n}"),
     };
+    let next = match &opts.standby {
+        Some(_) => "as a standby (standby.signal); start PostgreSQL: it replays the archive, then streams from its primary".to_string(),
+        None => format!("recovery target: {target}; start PostgreSQL to recover"),
+    };
     println!("{}", s.choice);
     println!(
-        "restored backup {} into {}: {} files written ({}), {} kept, {:.1} s; recovery target: {target}; start PostgreSQL to recover",
+        "restored backup {} into {}: {} files written ({}), {} kept, {:.1} s; {next}",
         s.backup.label,
         opts.pgdata.display(),
         s.files_written,

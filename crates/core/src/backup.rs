@@ -28,7 +28,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::archive::wait_for_wal;
 use crate::chain::{Chain, ChainPages};
-use crate::check::archive_command_ok;
+use crate::check::{archive_command_ok, expected_archive_config};
 use crate::config::Config;
 use crate::delta::DeltaWriter;
 use crate::init::check_same_cluster;
@@ -37,6 +37,7 @@ use crate::parallel;
 use crate::pg::{self, PgConn, ServerIdentity};
 use crate::progress::Progress;
 use crate::repo::Repo;
+use crate::standby;
 use crate::user;
 use crate::walk::{walk, Entry};
 
@@ -83,7 +84,7 @@ pub fn backup(
     mark_interrupted(&repo.catalog, true)?;
 
     let mut conn = pg::connect(&cfg.pg)?;
-    let server = preflight(&mut conn, cfg, &repo)?;
+    let (server, mut primary) = preflight(&mut conn, cfg, &repo)?;
     let parent = match opts.backup_type {
         BackupType::Full => None,
         t => {
@@ -118,6 +119,7 @@ pub fn backup(
         hostname: user::hostname(),
         page_checksum_failures: 0,
         error: None,
+        from_standby: primary.is_some(),
     };
     repo.catalog.insert_backup(&record)?;
     let jobs = opts
@@ -128,6 +130,7 @@ pub fn backup(
         cfg,
         &repo,
         &mut conn,
+        primary.as_mut(),
         &server,
         parent.as_ref(),
         &mut record,
@@ -178,7 +181,14 @@ pub fn mark_interrupted(catalog: &Catalog, all: bool) -> Result<Vec<String>> {
     Ok(marked)
 }
 
-fn preflight(conn: &mut PgConn, cfg: &Config, repo: &Repo) -> Result<ServerIdentity> {
+/// Check the server, its data directory and the archiving before anything is recorded. For a
+/// standby, also connect to its primary and check that the standby follows it; that connection
+/// is returned, for the WAL switch after the stop call.
+fn preflight(
+    conn: &mut PgConn,
+    cfg: &Config,
+    repo: &Repo,
+) -> Result<(ServerIdentity, Option<PgConn>)> {
     let server = conn.identity()?;
     if !pg::same_dir(&server.data_directory, &cfg.pg.data) {
         bail!(
@@ -188,29 +198,34 @@ fn preflight(conn: &mut PgConn, cfg: &Config, repo: &Repo) -> Result<ServerIdent
             cfg.pg.data.display()
         );
     }
-    let in_recovery = conn.query_text("SELECT pg_is_in_recovery()::text")? == "true";
+    let in_recovery = conn.in_recovery()?;
     check_data_directory(cfg, &server, in_recovery)?;
     check_same_cluster(
         &repo.identity,
         &crate::check::repo_identity(&server),
         &repo.root,
     )?;
-    if in_recovery {
+    let mut primary = if in_recovery {
+        let mut primary = standby::connect_primary(cfg)?;
+        standby::check_follows(conn, server.system_identifier, &mut primary, cfg)?;
+        Some(primary)
+    } else {
+        None
+    };
+    // WAL reaches the archive from the primary, whichever server is copied.
+    let (archiver, which) = match primary.as_mut() {
+        Some(p) => (p, format!("the primary at {}", standby::primary_name(cfg))),
+        None => (&mut *conn, "the server".to_string()),
+    };
+    let mode = archiver.setting("archive_mode")?;
+    let command = archiver.setting("archive_command")?;
+    if mode == "off" || !archive_command_ok(&command, expected_archive_config(cfg, in_recovery)) {
         bail!(
-            "the server at {}:{} is a standby: back up the primary",
-            cfg.pg.host,
-            cfg.pg.port
-        );
-    }
-    let mode = conn.setting("archive_mode")?;
-    let command = conn.setting("archive_command")?;
-    if mode == "off" || !archive_command_ok(&command, cfg) {
-        bail!(
-            "the server does not archive WAL to this repository (archive_mode = {mode}, archive_command = {command:?}): set archive_command = 'pgkeep --config {} archive-push %p'; `pgkeep check` tests it",
+            "{which} does not archive WAL to this repository (archive_mode = {mode}, archive_command = {command:?}): set archive_command = 'pgkeep --config {} archive-push %p'; `pgkeep check` tests it",
             cfg.config_path.display()
         );
     }
-    Ok(server)
+    Ok((server, primary))
 }
 
 /// Refuse a `[pg] data` that is not the connected server's data directory, whatever its path
@@ -221,7 +236,8 @@ fn preflight(conn: &mut PgConn, cfg: &Config, repo: &Repo) -> Result<ServerIdent
 ///
 /// The system identifier tells another cluster where the server reads its own `pg_control`;
 /// through a symlink `pg_control_system()` reads the same file as we do, and there only the
-/// state (a running primary's says "in production") and `standby.signal` tell.
+/// state (a running primary's says "in production") and `standby.signal` tell; a running
+/// standby's says "in archive recovery".
 pub(crate) fn check_data_directory(
     cfg: &Config,
     server: &ServerIdentity,
@@ -239,10 +255,22 @@ pub(crate) fn check_data_directory(
             cfg.config_path.display()
         );
     }
+    if server_in_recovery {
+        // A stopped copy or a primary's directory says otherwise.
+        if !control.in_archive_recovery() {
+            bail!(
+                "[pg] data {} is not a running standby's data directory (pg_control state \"{}\") but {at} is a standby: set [pg] data in {} to the standby's data directory",
+                data.display(),
+                control.state_name(),
+                cfg.config_path.display()
+            );
+        }
+        return Ok(());
+    }
     let standby_signal = data.join("standby.signal").exists();
     // A running primary's pg_control says "in production" from the end of its startup on; a
     // standby's, or a stopped copy's, says otherwise even though the system identifier matches.
-    if !server_in_recovery && (!control.in_production() || standby_signal) {
+    if !control.in_production() || standby_signal {
         bail!(
             "[pg] data {} is a standby's or a copy's data directory (pg_control state \"{}\"{}) but {at} is a primary in production: set [pg] data in {} to the primary's data directory",
             data.display(),
@@ -376,12 +404,23 @@ fn check_parent(
 }
 
 /// The timeline WAL is being written on now (the checkpoint's timeline lags a promotion until
-/// the first checkpoint after it).
+/// the first checkpoint after it). A standby writes no WAL: its latest restartpoint's timeline
+/// is the one its backup_label will name, which [`Parent::load`] checks again after the start.
 fn insert_timeline(conn: &mut PgConn) -> Result<u32> {
+    if conn.in_recovery()? {
+        return checkpoint_timeline(conn);
+    }
     let name = conn.query_text("SELECT pg_walfile_name(pg_current_wal_lsn())")?;
     name.get(..8)
         .and_then(|t| u32::from_str_radix(t, 16).ok())
         .ok_or_else(|| anyhow!("unexpected WAL file name {name:?} from the server"))
+}
+
+/// The timeline of the latest checkpoint (on a standby, restartpoint).
+fn checkpoint_timeline(conn: &mut PgConn) -> Result<u32> {
+    conn.query_text("SELECT timeline_id::text FROM pg_control_checkpoint()")?
+        .parse()
+        .context("reading the checkpoint timeline")
 }
 
 /// A time-sortable label, `YYYYMMDD-HHMMSS` plus F, D or I; waits a second on a clash.
@@ -401,6 +440,7 @@ fn run(
     cfg: &Config,
     repo: &Repo,
     conn: &mut PgConn,
+    mut primary: Option<&mut PgConn>,
     server: &ServerIdentity,
     parent: Option<&BackupRecord>,
     record: &mut BackupRecord,
@@ -414,10 +454,7 @@ fn run(
         conn.execute("SET idle_session_timeout = 0")?;
     }
     let start_lsn = start_backup(conn, &record.label, cfg.backup.fast_checkpoint)?;
-    let timeline: u32 = conn
-        .query_text("SELECT timeline_id::text FROM pg_control_checkpoint()")?
-        .parse()
-        .context("reading the checkpoint timeline")?;
+    let timeline = checkpoint_timeline(conn)?;
     record.start_lsn = start_lsn;
     record.timeline = timeline;
     record.start_wal = segment_name(TimelineId(timeline), start_lsn.segment_number(seg), seg);
@@ -441,7 +478,19 @@ fn run(
     let copied = copier.copy_all(&entries, jobs)?;
 
     let stop = stop_backup(conn)?;
-    let recovery_time: DateTime<Utc> = conn
+    if let Some(primary) = primary.as_deref_mut() {
+        // A standby cannot switch WAL: the primary closes the segment holding the stop LSN (the
+        // standby replayed no further than the primary wrote), and its archiver pushes it.
+        primary.execute("SELECT pg_switch_wal()").with_context(|| {
+            format!(
+                "asking the primary at {} to switch WAL",
+                standby::primary_name(cfg)
+            )
+        })?;
+    }
+    // Recovery targets are compared with commit times the primary's clock wrote.
+    let recovery_time: DateTime<Utc> = primary
+        .unwrap_or(conn)
         .client()
         .query_one("SELECT clock_timestamp()", &[])?
         .get(0);
@@ -477,7 +526,9 @@ fn run(
     progress.start("waiting for WAL", None);
     let status_dir = cfg.pg.data.join("pg_wal/archive_status");
     wait_for_wal(&repo.catalog, &needed, cfg.backup.archive_timeout, |name| {
-        let why = if status_dir.join(format!("{name}.ready")).exists() {
+        let why = if record.from_standby {
+            "the primary's archiver has not pushed it yet"
+        } else if status_dir.join(format!("{name}.ready")).exists() {
             "PostgreSQL's archiver has not pushed it yet"
         } else {
             "not yet handed to the archiver"
@@ -678,7 +729,8 @@ struct Stop {
 
 fn stop_backup(conn: &mut PgConn) -> Result<Stop> {
     // wait_for_archive = false: PostgreSQL would wait without a time limit; pgkeep waits itself,
-    // with a timeout and an error naming the missing segment. The server switches WAL either way.
+    // with a timeout and an error naming the missing segment. A primary switches WAL either way;
+    // a standby cannot, and its primary is asked to.
     let sql = if conn.major() >= 15 {
         "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
     } else {

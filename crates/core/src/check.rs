@@ -1,4 +1,8 @@
 //! `pgkeep check`: end-to-end check of config, connection and archiving, one line per check.
+//! When `[pg]` is a standby, also its primary (`[primary]`): reachable, the same cluster, the
+//! standby streaming from it, and the primary's WAL settings and archiving.
+
+use std::path::Path;
 
 use anyhow::Result;
 
@@ -7,20 +11,27 @@ use crate::config::Config;
 use crate::init::check_same_cluster;
 use crate::pg::{self, ServerIdentity};
 use crate::repo::Repo;
+use crate::standby;
 use pgkeep_catalog::RepoIdentity;
 
 /// Default config path, used by an archive_command that passes no --config.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/pgkeep/pgkeep.toml";
 
-/// True when `archive_command` runs pgkeep's archive-push with this config.
-pub fn archive_command_ok(command: &str, cfg: &Config) -> bool {
-    let path = cfg.config_path.display().to_string();
-    let uses_config = if command.contains("--config") {
-        command.contains(&path)
-    } else {
-        path == DEFAULT_CONFIG_PATH
+/// True when `archive_command` runs pgkeep's archive-push with `config`. None takes any config:
+/// a standby's primary runs the command on its own host with that host's config, and only the
+/// segments reaching this repository (which `check` and `backup` wait for) prove where it goes.
+pub fn archive_command_ok(command: &str, config: Option<&Path>) -> bool {
+    let uses_config = match config.map(|p| p.display().to_string()) {
+        None => true,
+        Some(path) if command.contains("--config") => command.contains(&path),
+        Some(path) => path == DEFAULT_CONFIG_PATH,
     };
     command.contains("pgkeep") && command.contains("archive-push") && uses_config
+}
+
+/// The config `archive_command` must name: this one for a primary, none for a standby's primary.
+pub fn expected_archive_config(cfg: &Config, in_recovery: bool) -> Option<&Path> {
+    (!in_recovery).then_some(cfg.config_path.as_path())
 }
 
 /// The identity a repository records, as read from the server.
@@ -63,44 +74,75 @@ pub fn check(cfg: &Config) -> Result<Vec<CheckLine>> {
             return Ok(lines);
         }
     };
-    let wal_level = conn.setting("wal_level")?;
+    let server = conn.identity()?;
+    let in_recovery = conn.in_recovery()?;
+    // A standby is copied, but WAL reaches the archive from its primary: the WAL settings and
+    // the archiving test are the primary's.
+    let mut primary = None;
+    if in_recovery {
+        let mut p = match standby::connect_primary(cfg) {
+            Ok(p) => {
+                let at = standby::primary_name(cfg);
+                push(true, "primary", format!("{at} (the server is its standby)"));
+                p
+            }
+            Err(e) => {
+                push(false, "primary", format!("{e:#}"));
+                return Ok(lines);
+            }
+        };
+        match standby::check_follows(&mut conn, server.system_identifier, &mut p, cfg) {
+            Ok(waited) => push(
+                true,
+                "standby",
+                format!(
+                    "streaming, same system identifier {}, replayed the primary's position in {:.1} s",
+                    server.system_identifier,
+                    waited.as_secs_f64()
+                ),
+            ),
+            Err(e) => push(false, "standby", format!("{e:#}")),
+        };
+        primary = Some(p);
+    }
+    let on = if in_recovery { " on the primary" } else { "" };
+    let archiver = primary.as_mut().unwrap_or(&mut conn);
+    let wal_level = archiver.setting("wal_level")?;
     push(
         wal_level == "replica" || wal_level == "logical",
         "wal_level",
         if wal_level == "minimal" {
-            "minimal: set wal_level = replica and restart PostgreSQL".to_string()
+            format!("minimal{on}: set wal_level = replica and restart PostgreSQL")
         } else {
-            wal_level
+            format!("{wal_level}{on}")
         },
     );
-    let archive_mode = conn.setting("archive_mode")?;
+    let archive_mode = archiver.setting("archive_mode")?;
     let mode_ok = archive_mode == "on" || archive_mode == "always";
     push(
         mode_ok,
         "archive_mode",
         if mode_ok {
-            archive_mode
+            format!("{archive_mode}{on}")
         } else {
-            format!("{archive_mode}: set archive_mode = on and restart PostgreSQL")
+            format!("{archive_mode}{on}: set archive_mode = on and restart PostgreSQL")
         },
     );
-    let command = conn.setting("archive_command")?;
+    let command = archiver.setting("archive_command")?;
     let cfg_path = cfg.config_path.display().to_string();
-    let command_ok = archive_command_ok(&command, cfg);
+    let command_ok = archive_command_ok(&command, expected_archive_config(cfg, in_recovery));
     push(
         command_ok,
         "archive_command",
         if command_ok {
-            command
+            format!("{command}{on}")
         } else {
             format!(
-                "{command:?}: set archive_command = 'pgkeep --config {cfg_path} archive-push %p' and reload"
+                "{command:?}{on}: set archive_command = 'pgkeep --config {cfg_path} archive-push %p' and reload"
             )
         },
     );
-    let server = conn.identity()?;
     let same_path = pg::same_dir(&server.data_directory, &cfg.pg.data);
-    let in_recovery = conn.query_text("SELECT pg_is_in_recovery()::text")? == "true";
     // The path can match while the directory behind it is another cluster's: what backup
     // refuses, check reports.
     let not_the_servers = same_path
@@ -145,8 +187,9 @@ pub fn check(cfg: &Config) -> Result<Vec<CheckLine>> {
         return Ok(lines);
     }
     // A restore point guarantees the current segment holds WAL, so the switch really switches.
-    conn.execute("SELECT pg_create_restore_point('pgkeep check')")?;
-    let segment = conn.query_text("SELECT pg_walfile_name(pg_switch_wal())")?;
+    let archiver = primary.as_mut().unwrap_or(&mut conn);
+    archiver.execute("SELECT pg_create_restore_point('pgkeep check')")?;
+    let segment = archiver.query_text("SELECT pg_walfile_name(pg_switch_wal())")?;
     let timeout = cfg.archive.check_timeout;
     match wait_for_wal(
         &repo.catalog,

@@ -11,6 +11,8 @@ pub struct Config {
     pub config_path: PathBuf,
     pub repo: RepoConfig,
     pub pg: PgConfig,
+    /// The primary `[pg]` streams from; needed only when `[pg]` is a standby.
+    pub primary: Option<PrimaryConfig>,
     pub backup: BackupConfig,
     pub archive: ArchiveConfig,
 }
@@ -31,6 +33,16 @@ pub struct PgConfig {
     pub database: String,
 }
 
+/// How to reach the primary of a standby named by `[pg]`.
+#[derive(Clone, Debug)]
+pub struct PrimaryConfig {
+    /// Socket directory (absolute path) or host name.
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub database: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct BackupConfig {
     /// Request an immediate checkpoint at backup start instead of waiting for a spread one.
@@ -39,6 +51,9 @@ pub struct BackupConfig {
     pub jobs: usize,
     /// How long a backup waits for its WAL to reach the archive.
     pub archive_timeout: Duration,
+    /// How far behind its primary a standby may be for a backup from it: it must replay what
+    /// the primary had written when asked within this time.
+    pub standby_max_lag: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -53,6 +68,7 @@ impl Default for BackupConfig {
             fast_checkpoint: true,
             jobs: 0,
             archive_timeout: Duration::from_secs(60),
+            standby_max_lag: Duration::from_secs(60),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod rebuild;
 pub mod repo;
 pub mod restore;
 pub mod show;
+pub mod standby;
 pub mod timeline;
 pub mod user;
 pub mod validate;

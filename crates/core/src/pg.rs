@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use pgkeep_pg::Lsn;
 use postgres::{Client, NoTls};
 
-use crate::config::PgConfig;
+use crate::config::{PgConfig, PrimaryConfig};
 
 /// Oldest major version pgkeep supports (the non-exclusive backup API with `recovery.signal`).
 pub const MIN_MAJOR: u32 = 12;
@@ -36,19 +36,61 @@ impl ServerIdentity {
     }
 }
 
-/// Connect with the configured socket directory or host, port and user.
+/// Connect to `[pg]` with the configured socket directory or host, port and user.
 pub fn connect(cfg: &PgConfig) -> Result<PgConn> {
+    open(&Endpoint {
+        host: &cfg.host,
+        port: cfg.port,
+        user: &cfg.user,
+        database: &cfg.database,
+        what: "PostgreSQL",
+        section: "[pg]",
+    })
+}
+
+/// Connect to the primary `[primary]` names, the one a standby `[pg]` streams from.
+pub fn connect_primary(cfg: &PrimaryConfig) -> Result<PgConn> {
+    open(&Endpoint {
+        host: &cfg.host,
+        port: cfg.port,
+        user: &cfg.user,
+        database: &cfg.database,
+        what: "the primary",
+        section: "[primary]",
+    })
+}
+
+/// A server to connect to, and the config section that names it (for error messages).
+struct Endpoint<'a> {
+    host: &'a str,
+    port: u16,
+    user: &'a str,
+    database: &'a str,
+    what: &'static str,
+    section: &'static str,
+}
+
+fn open(to: &Endpoint) -> Result<PgConn> {
+    let Endpoint {
+        host,
+        port,
+        user,
+        what,
+        section,
+        ..
+    } = to;
     let mut client = postgres::Config::new()
-        .host(&cfg.host)
-        .port(cfg.port)
-        .user(&cfg.user)
-        .dbname(&cfg.database)
+        .host(host)
+        .port(*port)
+        .user(user)
+        .dbname(to.database)
         .application_name("pgkeep")
+        // A primary that is down must not hang a backup or a check.
+        .connect_timeout(std::time::Duration::from_secs(10))
         .connect(NoTls)
         .with_context(|| {
             format!(
-                "cannot connect to PostgreSQL at {}:{} as {}: check [pg] host, port and user in the config",
-                cfg.host, cfg.port, cfg.user
+                "cannot connect to {what} at {host}:{port} as {user}: check {section} host, port and user in the config"
             )
         })?;
     let version: String = client
@@ -59,10 +101,8 @@ pub fn connect(cfg: &PgConfig) -> Result<PgConn> {
         .with_context(|| format!("unexpected server_version_num {version:?}"))?;
     if version_num / 10000 < MIN_MAJOR {
         bail!(
-            "PostgreSQL {} at {}:{} is not supported: pgkeep needs PostgreSQL {MIN_MAJOR} or newer",
+            "PostgreSQL {} at {host}:{port} is not supported: pgkeep needs PostgreSQL {MIN_MAJOR} or newer",
             version_num / 10000,
-            cfg.host,
-            cfg.port
         );
     }
     Ok(PgConn {
@@ -145,11 +185,20 @@ impl PgConn {
         Ok(row.get(0))
     }
 
-    /// The current WAL insert position (write position on a standby is not supported).
+    /// Whether the server is a standby (or otherwise still in recovery).
+    pub fn in_recovery(&mut self) -> Result<bool> {
+        Ok(self.query_text("SELECT pg_is_in_recovery()::text")? == "true")
+    }
+
+    /// How far the server's WAL goes: the insert position on a primary, the replay position on
+    /// a standby (where `pg_current_wal_lsn()` fails: it writes no WAL of its own).
     pub fn current_wal_lsn(&mut self) -> Result<Lsn> {
-        let text = self.query_text("SELECT pg_current_wal_lsn()::text")?;
+        let text = self.query_text(
+            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+             ELSE pg_current_wal_lsn() END::text",
+        )?;
         text.parse()
-            .with_context(|| format!("unexpected pg_current_wal_lsn {text:?}"))
+            .with_context(|| format!("unexpected WAL position {text:?} from the server"))
     }
 
     /// The underlying client, for commands that need prepared queries.

@@ -1,5 +1,5 @@
 //! `pgkeep restore`: rebuild a data directory from a backup and write the recovery settings for
-//! point-in-time recovery.
+//! point-in-time recovery, or for a streaming replica (`--standby`).
 //!
 //! Nothing is written before every check passes (backup usable, its WAL archived, target
 //! directory empty and no postmaster running). `global/pg_control` is written last and everything
@@ -103,6 +103,17 @@ pub struct RestoreOptions {
     pub tablespace_map: BTreeMap<u32, PathBuf>,
     /// Where pg_wal goes (linked from the data directory); None = a plain directory inside it.
     pub waldir: Option<PathBuf>,
+    /// Build a streaming replica instead of recovering to a target (`target` is then
+    /// [`RecoveryTarget::EndOfArchive`]).
+    pub standby: Option<StandbyOptions>,
+}
+
+/// `restore --standby`: `standby.signal` instead of `recovery.signal`; the replica replays the
+/// archive, then streams from its primary.
+#[derive(Clone, Debug, Default)]
+pub struct StandbyOptions {
+    /// Written as `primary_conninfo`; None keeps whatever the restored configuration says.
+    pub primary_conninfo: Option<String>,
 }
 
 /// What a restore did.
@@ -130,6 +141,11 @@ pub fn restore(
     let repo = Repo::open(cfg)?;
     if repo.identity.pg_major < 12 {
         bail!("restore of PostgreSQL {} is not supported: pgkeep writes recovery.signal (PostgreSQL 12+)", repo.identity.pg_major);
+    }
+    if opts.standby.is_some() && opts.target != RecoveryTarget::EndOfArchive {
+        bail!(
+            "a standby follows its primary without end: restore --standby takes no recovery target"
+        );
     }
     let choice = choose_backup(&repo, opts)?;
     let backup = choice.backup.clone();
@@ -878,11 +894,17 @@ fn remove_extraneous(pgdata: &Path, files: &[FileRecord], layout: &Layout) -> Re
     Ok(())
 }
 
-/// `recovery.signal` plus a marked block in postgresql.auto.conf; earlier pgkeep blocks are
-/// commented out so the newest restore's settings are the only ones in force.
+/// `recovery.signal` (`standby.signal` for a standby) plus a marked block in
+/// postgresql.auto.conf; earlier pgkeep blocks are commented out so the newest restore's
+/// settings are the only ones in force.
 fn write_recovery_settings(cfg: &Config, opts: &RestoreOptions, owner: (u32, u32)) -> Result<()> {
     let pgdata = &opts.pgdata;
-    write_small(pgdata, "recovery.signal", b"", owner)?;
+    let signal = if opts.standby.is_some() {
+        "standby.signal"
+    } else {
+        "recovery.signal"
+    };
+    write_small(pgdata, signal, b"", owner)?;
     let auto = pgdata.join("postgresql.auto.conf");
     let old = fs::read_to_string(&auto).unwrap_or_default();
     let mut text = String::new();
@@ -927,7 +949,19 @@ fn write_recovery_settings(cfg: &Config, opts: &RestoreOptions, owner: (u32, u32
             opts.action.as_str()
         ));
     }
-    if let Some(tl) = opts.timeline {
+    if let Some(conninfo) = opts
+        .standby
+        .as_ref()
+        .and_then(|s| s.primary_conninfo.as_ref())
+    {
+        text.push_str(&format!("primary_conninfo = {}\n", conf_string(conninfo)));
+    }
+    // A standby follows its primary across promotions of the primary's own standbys.
+    let timeline = match (opts.timeline, &opts.standby) {
+        (None, Some(_)) => Some(TargetTimeline::Latest),
+        (t, _) => t,
+    };
+    if let Some(tl) = timeline {
         text.push_str(&format!("recovery_target_timeline = '{tl}'\n"));
     }
     text.push_str(&format!("{BLOCK_END}\n"));

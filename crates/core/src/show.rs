@@ -104,6 +104,7 @@ fn record_json(b: &BackupRecord) -> Value {
         "system_identifier": b.system_identifier.to_string(),
         "data_checksums": b.data_checksums,
         "page_checksum_failures": b.page_checksum_failures,
+        "from_standby": b.from_standby,
         "error": b.error,
     })
 }

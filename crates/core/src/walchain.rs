@@ -341,6 +341,7 @@ pub(crate) mod tests {
             pid: 1,
             hostname: String::new(),
             page_checksum_failures: 0,
+            from_standby: false,
             error: None,
         }
     }

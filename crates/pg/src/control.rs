@@ -155,6 +155,11 @@ impl ControlFile {
         self.state == 6
     }
 
+    /// Whether `state` is `DB_IN_ARCHIVE_RECOVERY`: what a running standby's pg_control says.
+    pub fn in_archive_recovery(&self) -> bool {
+        self.state == 5
+    }
+
     /// `state` in the words `pg_controldata` uses ("shut down", "in production", ...).
     pub fn state_name(&self) -> &'static str {
         // DBState, src/include/catalog/pg_control.h; wording from dbState()

@@ -132,6 +132,31 @@ fn open_refuses_a_newer_schema() {
 }
 
 #[test]
+fn a_version_1_catalog_is_migrated_and_its_backups_came_from_a_primary() {
+    let (dir, catalog) = new_catalog();
+    let full = backup("20261121-101500F", "2026-11-21T10:15:00Z");
+    catalog.insert_backup(&full).unwrap();
+    drop(catalog);
+    let path = dir.path().join("catalog.db");
+    // What version 1 had: no from_standby column.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch("ALTER TABLE backup DROP COLUMN from_standby; PRAGMA user_version = 1;")
+        .unwrap();
+    drop(conn);
+    let catalog = Catalog::open(&path).unwrap();
+    assert_eq!(catalog.backup(&full.label).unwrap(), Some(full.clone()));
+    let mut standby = backup("20261122-101500F", "2026-11-22T10:15:00Z");
+    standby.from_standby = true;
+    catalog.insert_backup(&standby).unwrap();
+    assert_eq!(catalog.backup(&standby.label).unwrap(), Some(standby));
+    let version: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, i64::from(SCHEMA_VERSION));
+}
+
+#[test]
 fn backup_crud() {
     let (_dir, catalog) = new_catalog();
     let full = backup("20261121-101500F", "2026-11-21T10:15:00.000001Z");

@@ -51,6 +51,7 @@ pub fn backup(label: &str, start: &str) -> BackupRecord {
         hostname: "db1".into(),
         page_checksum_failures: 0,
         error: None,
+        from_standby: false,
     }
 }
 
@@ -135,6 +136,7 @@ pub fn arb_backup() -> impl Strategy<Value = BackupRecord> {
         any::<u32>(),
         arb_text(),
         proptest::option::of(arb_nonempty_text()),
+        any::<bool>(),
     );
     (kinds, positions, times, counts, cluster).prop_map(
         |(
@@ -142,7 +144,16 @@ pub fn arb_backup() -> impl Strategy<Value = BackupRecord> {
             (timeline, start_lsn, stop_lsn, start_wal, stop_wal),
             (start_time, end_time, recovery_time),
             (data_bytes, stored_bytes, files, page_checksum_failures),
-            (pg_version_num, system_identifier, block_size, data_checksums, pid, hostname, error),
+            (
+                pg_version_num,
+                system_identifier,
+                block_size,
+                data_checksums,
+                pid,
+                hostname,
+                error,
+                from_standby,
+            ),
         )| BackupRecord {
             label,
             backup_type,
@@ -167,6 +178,7 @@ pub fn arb_backup() -> impl Strategy<Value = BackupRecord> {
             hostname,
             page_checksum_failures,
             error,
+            from_standby,
         },
     )
 }

@@ -55,10 +55,11 @@ fn backup_ini_reads_like_pg_rman() {
         "SYSTEM_IDENTIFIER=16546506505935912961",
         "DATA_CHECKSUMS=true",
         "ERROR=",
+        "FROM_STANDBY=false",
     ] {
         assert!(lines.contains(&line), "{line} missing from\n{text}");
     }
-    assert_eq!(lines.len(), 24);
+    assert_eq!(lines.len(), 25);
 }
 
 #[test]
@@ -77,6 +78,8 @@ fn backup_ini_accepts_omitted_optional_keys_and_blanks() {
         (None, None, None, None)
     );
     assert_eq!(b.hostname, "");
+    // Written before backups could come from a standby: they came from a primary.
+    assert!(!b.from_standby);
 }
 
 #[test]
@@ -101,11 +104,11 @@ fn backup_ini_errors_name_key_and_line() {
         ),
         (
             format!("{good}COLOUR=blue\n"),
-            "backup.ini line 25: unknown key \"COLOUR\"",
+            "backup.ini line 26: unknown key \"COLOUR\"",
         ),
         (
             format!("{good}PID=1\n"),
-            "backup.ini line 25: PID given again, first on line 21",
+            "backup.ini line 26: PID given again, first on line 21",
         ),
         (
             good.replace("HOSTNAME=db1", "HOSTNAME=db\\q"),
