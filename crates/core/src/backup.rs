@@ -78,7 +78,7 @@ pub fn backup(
     let started = Instant::now();
     let repo = Repo::open(cfg)?;
     let lock_holder = format!("pid {} on {}", user::pid(), user::hostname());
-    let _lock = BackupLock::acquire(&repo.root, &lock_holder)?;
+    let _lock = BackupLock::acquire(&cfg.repo, &lock_holder)?;
     // Holding the lock, no other backup can be running: any RUNNING row is a dead one.
     mark_interrupted(&repo.catalog, true)?;
 
@@ -145,11 +145,7 @@ pub fn backup(
                 .catalog
                 .set_status(&label, BackupStatus::Error, Some(&message))
             {
-                let _ = put_bytes(
-                    repo.storage(),
-                    &keys::backup_meta(&label, BACKUP_INI),
-                    meta::backup_ini(&r).as_bytes(),
-                );
+                let _ = crate::status::store_status(repo.storage(), &r);
             }
             Err(e.context(format!("backup {label} failed")))
         }
@@ -193,7 +189,7 @@ fn preflight(conn: &mut PgConn, cfg: &Config, repo: &Repo) -> Result<ServerIdent
     check_same_cluster(
         &repo.identity,
         &crate::check::repo_identity(&server),
-        &repo.root,
+        &repo.name,
     )?;
     if in_recovery {
         bail!(
@@ -511,14 +507,10 @@ fn run(
     // before the backup may be called DONE.
     storage
         .sync()
-        .with_context(|| format!("syncing repository {}", repo.root.display()))?;
+        .with_context(|| format!("syncing repository {}", repo.name))?;
     let mut done = record.clone();
     done.status = BackupStatus::Done;
-    put_bytes(
-        storage,
-        &keys::backup_meta(&record.label, BACKUP_INI),
-        meta::backup_ini(&done).as_bytes(),
-    )?;
+    crate::status::store_status(storage, &done)?;
     *record = repo
         .catalog
         .set_status(&record.label, BackupStatus::Done, None)?;

@@ -126,14 +126,13 @@ pub fn check(cfg: &Config) -> Result<Vec<CheckLine>> {
             return Ok(lines);
         }
     };
-    match check_same_cluster(&repo.identity, &repo_identity(&server), &repo.root) {
+    match check_same_cluster(&repo.identity, &repo_identity(&server), &repo.name) {
         Ok(()) => push(
             true,
             "repository",
             format!(
                 "{} (system identifier {})",
-                repo.root.display(),
-                server.system_identifier
+                repo.name, server.system_identifier
             ),
         ),
         Err(e) => {

@@ -21,6 +21,7 @@ pub mod rebuild;
 pub mod repo;
 pub mod restore;
 pub mod show;
+pub mod status;
 pub mod timeline;
 pub mod user;
 pub mod validate;
