@@ -14,6 +14,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod s3;
+
 /// The PostgreSQL server binaries (initdb, pg_ctl, postgres): `$PGKEEP_PG_BIN`, else the newest
 /// `/usr/lib/postgresql/*/bin`.
 pub fn pg_bin() -> PathBuf {
@@ -215,6 +217,9 @@ pub struct ClusterOptions {
     pub conf: Vec<String>,
     /// Extra initdb arguments.
     pub initdb_args: Vec<String>,
+    /// The body of the `[repo]` table, in place of a local `path` (an S3 repository); `{dir}`
+    /// stands for the cluster's temp directory.
+    pub repo_toml: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -224,6 +229,7 @@ impl Default for ClusterOptions {
             init_repo: true,
             conf: Vec::new(),
             initdb_args: Vec::new(),
+            repo_toml: None,
         }
     }
 }
@@ -264,11 +270,14 @@ impl Cluster {
         let log = dir.path().join("server.log");
         let pgkeep_bin = install_pgkeep(&dir);
         let port = next_port();
+        let repo_toml = match &opts.repo_toml {
+            Some(body) => body.replace("{dir}", &dir.path().display().to_string()),
+            None => format!("path = \"{}\"\n", repo.display()),
+        };
         let config = dir.write(
             "pgkeep.toml",
             format!(
-                "[repo]\npath = \"{}\"\n[pg]\ndata = \"{}\"\nhost = \"{}\"\nport = {port}\nuser = \"postgres\"\n[backup]\narchive-timeout = 60\n[archive]\ncheck-timeout = 30\n",
-                repo.display(),
+                "[repo]\n{repo_toml}[pg]\ndata = \"{}\"\nhost = \"{}\"\nport = {port}\nuser = \"postgres\"\n[backup]\narchive-timeout = 60\n[archive]\ncheck-timeout = 30\n",
                 data.display(),
                 sock.display()
             ),
