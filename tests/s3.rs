@@ -130,7 +130,11 @@ fn s3_delta_restore_archive_get_and_a_conflicting_push_refused() {
     let mut cluster = s3_cluster(&s3, ClusterOptions::default());
     cluster.pg_tool_ok("pgbench", &["-i", "-s", "2", "-q"]);
     let at_backup = cluster.pgbench_fingerprints();
-    cluster.backup("full");
+    let full = cluster.backup("full");
+    let first = cluster.query_text(&format!(
+        "SELECT pg_walfile_name('{}')",
+        full["start_lsn"].as_str().unwrap()
+    ));
     let seg = cluster.switch_wal_and_wait();
 
     // archive-get gives back what was pushed; a name the archive lacks exits 1, quietly.
@@ -153,21 +157,16 @@ fn s3_delta_restore_archive_get_and_a_conflicting_push_refused() {
     assert!(run.stderr.contains("different content"), "{run:?}");
     // And refused by the bucket itself when the catalog has no row for it (a push that died
     // between storing the object and recording it).
-    let catalog = cluster.repo.join("catalog.db");
-    pgkeep_catalog::Catalog::open(&catalog)
-        .unwrap()
-        .delete_wal(&seg)
-        .unwrap();
-    for name in names(&cluster.repo) {
-        crate::harness::chown_to_postgres(&cluster.repo.join(name));
-    }
+    forget_wal(&cluster, &seg);
     let run = cluster.pgkeep(&["archive-push", forged_path.to_str().unwrap()]);
     assert!(run.stderr.contains("different content"), "{run:?}");
     fs::remove_file(&fetched).unwrap();
     cluster.pgkeep_ok(&["archive-get", &seg, fetched.to_str().unwrap()]);
     assert!(fs::read(&fetched).unwrap() == original);
 
-    // --delta over a diverged copy.
+    // --delta over a diverged copy, with the index missing a segment the backup needs: restore
+    // finds it in the bucket and records it again.
+    forget_wal(&cluster, &first);
     cluster.pg_tool_ok("pgbench", &["-c", "1", "-t", "300", "-n"]);
     cluster.execute("CREATE TABLE extra AS SELECT generate_series(1, 10000) AS id; CHECKPOINT;");
     cluster.stop();
@@ -183,6 +182,22 @@ fn s3_delta_restore_archive_get_and_a_conflicting_push_refused() {
     cluster.start();
     cluster.wait_promoted();
     assert_eq!(cluster.pgbench_fingerprints(), at_backup);
+    let catalog = pgkeep_catalog::Catalog::open(&cluster.repo.join("catalog.db")).unwrap();
+    assert!(
+        catalog.wal(&first).unwrap().is_some(),
+        "{first} not indexed again"
+    );
+}
+
+/// Drop WAL file `name`'s row from the local index, leaving its object in the bucket.
+fn forget_wal(cluster: &Cluster, name: &str) {
+    let catalog = pgkeep_catalog::Catalog::open(&cluster.repo.join("catalog.db")).unwrap();
+    catalog.delete_wal(name).unwrap();
+    drop(catalog);
+    // Opened as root here: the sidecar files must stay the cluster user's.
+    for file in names(&cluster.repo) {
+        crate::harness::chown_to_postgres(&cluster.repo.join(file));
+    }
 }
 
 /// Run pgkeep as the cluster's user with another config file.

@@ -274,15 +274,34 @@ fn temp_sibling(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}.pgkeep-{}", std::process::id()))
 }
 
-/// True when `name` is recorded in the archive.
-pub fn is_archived(catalog: &Catalog, name: &str) -> Result<bool> {
-    Ok(catalog.wal(name)?.is_some())
+/// True when `name` is in the archive. The repository decides, not its local index: an object
+/// the catalog has no row for (pushed from another host into a shared bucket, or by a push that
+/// died before recording it) is made durable, read back for its checksums and recorded first.
+pub fn is_archived(repo: &Repo, name: &str) -> Result<bool> {
+    if repo.catalog.wal(name)?.is_some() {
+        return Ok(true);
+    }
+    let Ok(parsed) = WalFileName::parse(name, repo.wal_seg_size()?) else {
+        return Ok(false);
+    };
+    let key = keys::wal(repo.identity.system_identifier, name);
+    let storage = repo.storage();
+    let Some(stored_size) = storage.size(&key)? else {
+        return Ok(false);
+    };
+    storage
+        .sync_object(&key)
+        .with_context(|| format!("making the stored copy of {name} durable"))?;
+    let digest = fetch_decompressed(storage, &key, &mut io::sink(), None, true)
+        .with_context(|| format!("reading the stored copy of {name}"))?;
+    insert_record(&repo.catalog, &record(name, &parsed, digest, stored_size))?;
+    Ok(true)
 }
 
-/// Wait until every name in `names` is archived, polling the catalog; `on_wait` is told of the
+/// Wait until every name in `names` is archived (see [`is_archived`]); `on_wait` is told of the
 /// first missing name each time the wait goes on. Errors after `timeout` naming the segment.
 pub fn wait_for_wal(
-    catalog: &Catalog,
+    repo: &Repo,
     names: &[String],
     timeout: Duration,
     mut on_wait: impl FnMut(&str),
@@ -291,7 +310,7 @@ pub fn wait_for_wal(
     let mut told: Option<String> = None;
     for name in names {
         loop {
-            if is_archived(catalog, name)? {
+            if is_archived(repo, name)? {
                 break;
             }
             if start.elapsed() >= timeout {

@@ -472,7 +472,7 @@ fn run(
 
     progress.start("waiting for WAL", None);
     let status_dir = cfg.pg.data.join("pg_wal/archive_status");
-    wait_for_wal(&repo.catalog, &needed, cfg.backup.archive_timeout, |name| {
+    wait_for_wal(repo, &needed, cfg.backup.archive_timeout, |name| {
         let why = if status_dir.join(format!("{name}.ready")).exists() {
             "PostgreSQL's archiver has not pushed it yet"
         } else {

@@ -147,12 +147,7 @@ pub fn check(cfg: &Config) -> Result<Vec<CheckLine>> {
     conn.execute("SELECT pg_create_restore_point('pgkeep check')")?;
     let segment = conn.query_text("SELECT pg_walfile_name(pg_switch_wal())")?;
     let timeout = cfg.archive.check_timeout;
-    match wait_for_wal(
-        &repo.catalog,
-        std::slice::from_ref(&segment),
-        timeout,
-        |_| {},
-    ) {
+    match wait_for_wal(&repo, std::slice::from_ref(&segment), timeout, |_| {}) {
         Ok(()) => push(true, "archiving", format!("{segment} reached the archive")),
         Err(e) => push(false, "archiving", format!("{e:#}")),
     };
