@@ -11,6 +11,7 @@ mod formats;
 mod incremental;
 mod init;
 mod restore;
+mod s3;
 mod safety;
 mod standby;
 mod tidy;

@@ -88,7 +88,7 @@ fn catalog_files(repo: &Path) -> Vec<PathBuf> {
 }
 
 #[test]
-fn an_intact_repository_validates_ok_and_rewrites_backup_ini() {
+fn an_intact_repository_validates_ok_and_records_it_in_a_new_status_object() {
     let cluster = Cluster::new();
     cluster.execute("CREATE TABLE t AS SELECT generate_series(1, 20000) AS id");
     let b = cluster.backup("full");
@@ -104,9 +104,15 @@ fn an_intact_repository_validates_ok_and_rewrites_backup_ini() {
         "{run:?}"
     );
     assert_eq!(status_of(&cluster, label), "OK");
-    let ini =
-        fs::read_to_string(cluster.repo.join("backup").join(label).join("backup.ini")).unwrap();
-    assert!(ini.contains("\nSTATUS=OK\n"), "{ini}");
+    // backup.ini is written once (objects are never rewritten); the change is a new object.
+    let dir = cluster.repo.join("backup").join(label);
+    let ini = fs::read_to_string(dir.join("backup.ini")).unwrap();
+    assert!(ini.contains("\nSTATUS=DONE\n"), "{ini}");
+    let changes: Vec<String> = fs::read_dir(dir.join("status"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(changes, ["0000000001-OK"]);
 
     // Again, and for the one label: OK stays OK.
     let run = cluster.pgkeep(&["validate", label]);

@@ -14,6 +14,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod s3;
+
 /// The PostgreSQL server binaries (initdb, pg_ctl, postgres): `$PGKEEP_PG_BIN`, else the newest
 /// `/usr/lib/postgresql/*/bin`.
 pub fn pg_bin() -> PathBuf {
@@ -226,6 +228,9 @@ pub struct ClusterOptions {
     pub conf: Vec<String>,
     /// Extra initdb arguments.
     pub initdb_args: Vec<String>,
+    /// The body of the `[repo]` table, in place of a local `path` (an S3 repository); `{dir}`
+    /// stands for the cluster's temp directory.
+    pub repo_toml: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -235,6 +240,7 @@ impl Default for ClusterOptions {
             init_repo: true,
             conf: Vec::new(),
             initdb_args: Vec::new(),
+            repo_toml: None,
         }
     }
 }
@@ -295,6 +301,15 @@ impl Cluster {
         let dir = TestDir::new();
         let repo = dir.path().join("repo");
         let mut cluster = Cluster::unstarted(dir, repo, None);
+        if let Some(body) = &opts.repo_toml {
+            // Another repository than the local default (an S3 bucket): swap the [repo] table.
+            let body = body.replace("{dir}", &cluster.dir.path().display().to_string());
+            let text = fs::read_to_string(&cluster.config).unwrap().replace(
+                &format!("[repo]\npath = \"{}\"\n", cluster.repo.display()),
+                &format!("[repo]\n{body}"),
+            );
+            fs::write(&cluster.config, text).unwrap();
+        }
         let c = &cluster;
         let out = user_command(pg_bin().join("initdb"))
             .current_dir(c.dir.path())

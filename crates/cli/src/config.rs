@@ -7,7 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use pgkeep_core::config::{
-    ArchiveConfig, BackupConfig, Config, PgConfig, PrimaryConfig, RepoConfig,
+    ArchiveConfig, BackupConfig, Config, PgConfig, PrimaryConfig, RepoConfig, RepoStorage,
+    S3Config,
 };
 
 const DEFAULT_PATH: &str = "/etc/pgkeep/pgkeep.toml";
@@ -39,7 +40,33 @@ struct File {
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RepoSection {
-    path: PathBuf,
+    #[serde(rename = "type", default)]
+    kind: RepoKind,
+    path: Option<PathBuf>,
+    endpoint: Option<String>,
+    bucket: Option<String>,
+    region: Option<String>,
+    prefix: Option<String>,
+    uri_style: Option<UriStyle>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    ca_file: Option<PathBuf>,
+    catalog: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum RepoKind {
+    #[default]
+    Local,
+    S3,
+}
+
+#[derive(Deserialize, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum UriStyle {
+    Path,
+    Host,
 }
 
 /// `[pg]`, the server to back up, or `[primary]`, the primary of a standby `[pg]`: the same
@@ -139,8 +166,8 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             path.display()
         )));
     }
-    absolute(&file.repo.path, "[repo] path")?;
     absolute(&data, "[pg] data")?;
+    let repo = repo_config(file.repo, path, &absolute)?;
     let defaults = BackupConfig::default();
     let standby_max_lag = match &file.backup.standby_max_lag {
         Some(text) => parse_duration(text).ok_or_else(|| {
@@ -171,9 +198,7 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     };
     Ok(Config {
         config_path: path.to_path_buf(),
-        repo: RepoConfig {
-            path: file.repo.path,
-        },
+        repo,
         pg: PgConfig {
             data,
             host: file.pg.host,
@@ -208,6 +233,115 @@ fn parse_duration(text: &str) -> Option<Duration> {
     n.checked_mul(ms).map(Duration::from_millis)
 }
 
+/// The `[repo]` table as a validated `RepoConfig`; S3 credentials fall back to the environment.
+fn repo_config(
+    r: RepoSection,
+    path: &Path,
+    absolute: &dyn Fn(&Path, &str) -> Result<(), ConfigError>,
+) -> Result<RepoConfig, ConfigError> {
+    let err = |what: String| ConfigError(format!("config file {}: {what}", path.display()));
+    if r.kind == RepoKind::Local {
+        let s3_only = [
+            ("endpoint", r.endpoint.is_some()),
+            ("bucket", r.bucket.is_some()),
+            ("region", r.region.is_some()),
+            ("prefix", r.prefix.is_some()),
+            ("uri-style", r.uri_style.is_some()),
+            ("access-key-id", r.access_key_id.is_some()),
+            ("secret-access-key", r.secret_access_key.is_some()),
+            ("ca-file", r.ca_file.is_some()),
+            ("catalog", r.catalog.is_some()),
+        ];
+        if let Some((key, _)) = s3_only.iter().find(|(_, set)| *set) {
+            return Err(err(format!(
+                "[repo] {key} is only for type = \"s3\"; add it or remove the key"
+            )));
+        }
+        let repo_path = r
+            .path
+            .ok_or_else(|| err("[repo] needs path (or type = \"s3\" and its keys)".into()))?;
+        absolute(&repo_path, "[repo] path")?;
+        return Ok(RepoConfig::local(repo_path));
+    }
+    if r.path.is_some() {
+        return Err(err(
+            "[repo] path is for a local repository; an s3 one keeps its index at catalog".into(),
+        ));
+    }
+    let need = |v: Option<String>, key: &str| {
+        v.filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| err(format!("[repo] type = \"s3\" needs {key}")))
+    };
+    let endpoint = need(r.endpoint, "endpoint")?;
+    check_endpoint(&endpoint).map_err(err)?;
+    let bucket = need(r.bucket, "bucket")?;
+    let catalog = r.catalog.ok_or_else(|| {
+        err("[repo] type = \"s3\" needs catalog, the path of its local index".into())
+    })?;
+    absolute(&catalog, "[repo] catalog")?;
+    if let Some(ca) = &r.ca_file {
+        absolute(ca, "[repo] ca-file")?;
+    }
+    let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let access_key_id = r.access_key_id.or_else(|| from_env("AWS_ACCESS_KEY_ID"));
+    let secret_access_key = r
+        .secret_access_key
+        .or_else(|| from_env("AWS_SECRET_ACCESS_KEY"));
+    let (Some(access_key_id), Some(secret_access_key)) = (access_key_id, secret_access_key) else {
+        return Err(err(
+            "[repo] type = \"s3\" needs access-key-id and secret-access-key (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment)".into(),
+        ));
+    };
+    let prefix = r.prefix.unwrap_or_default();
+    let prefix = prefix.trim_matches('/').to_string();
+    if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
+        return Err(err(format!(
+            "[repo] prefix {prefix:?} is not a plain key prefix"
+        )));
+    }
+    Ok(RepoConfig {
+        storage: RepoStorage::S3(S3Config {
+            endpoint,
+            bucket,
+            region: r.region.unwrap_or_else(|| "us-east-1".into()),
+            prefix,
+            host_style: r.uri_style == Some(UriStyle::Host),
+            access_key_id,
+            secret_access_key,
+            ca_file: r.ca_file,
+        }),
+        catalog,
+    })
+}
+
+/// https anywhere; plain http only to this host, where nothing crosses a network.
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    if endpoint.starts_with("https://") {
+        return Ok(());
+    }
+    let Some(rest) = endpoint.strip_prefix("http://") else {
+        return Err(format!(
+            "[repo] endpoint {endpoint:?} must start with https:// (or http:// for a server on this host)"
+        ));
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.split(':').next().unwrap_or(""),
+    };
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "[repo] endpoint {endpoint:?} uses plain http to another host: use https://"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,7 +359,7 @@ user = "postgres"
     #[test]
     fn minimal_config_from_design_parses() {
         let cfg = parse(MINIMAL, Path::new("/etc/pgkeep/pgkeep.toml")).unwrap();
-        assert_eq!(cfg.repo.path, Path::new("/var/lib/pgkeep"));
+        assert_eq!(cfg.repo.catalog, Path::new("/var/lib/pgkeep/catalog.db"));
         assert_eq!(cfg.pg.port, 5432);
         assert_eq!(cfg.pg.database, "postgres");
         assert!(cfg.backup.fast_checkpoint);
@@ -237,6 +371,55 @@ user = "postgres"
         let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
         assert!(err.contains("colour"), "{err}");
         assert!(err.contains("line"), "{err}");
+    }
+
+    const S3: &str = r#"
+[repo]
+type = "s3"
+endpoint = "http://127.0.0.1:9000"
+bucket = "pgkeep"
+prefix = "/main/"
+access-key-id = "id"
+secret-access-key = "secret"
+catalog = "/var/lib/pgkeep/main.db"
+[pg]
+data = "/d"
+"#;
+
+    #[test]
+    fn s3_repository_config() {
+        let cfg = parse(S3, Path::new("/etc/p.toml")).unwrap();
+        let RepoStorage::S3(s3) = &cfg.repo.storage else {
+            panic!("not s3: {:?}", cfg.repo)
+        };
+        assert_eq!(s3.prefix, "main");
+        assert_eq!(s3.region, "us-east-1");
+        assert!(!s3.host_style);
+        assert_eq!(
+            cfg.repo.lock_file(),
+            Path::new("/var/lib/pgkeep/main.db.lock")
+        );
+        for (from, to, says) in [
+            (
+                "catalog = \"/var/lib/pgkeep/main.db\"\n",
+                "",
+                "needs catalog",
+            ),
+            ("bucket = \"pgkeep\"\n", "", "needs bucket"),
+            (
+                "http://127.0.0.1:9000",
+                "http://192.0.2.1",
+                "plain http to another host",
+            ),
+            ("type = \"s3\"\n", "", "only for type = \"s3\""),
+            ("\"s3\"", "\"ftp\"", "line 3"),
+        ] {
+            let err = parse(&S3.replace(from, to), Path::new("/p")).unwrap_err().0;
+            assert!(err.contains(says), "{from}: {err}");
+        }
+        assert!(check_endpoint("https://s3.example.com").is_ok());
+        assert!(check_endpoint("http://[::1]:9000").is_ok());
+        assert!(check_endpoint("http://localhost:9000/").is_ok());
     }
 
     #[test]

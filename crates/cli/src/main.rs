@@ -137,7 +137,7 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
             };
             println!(
                 "repository {} {verb} for system identifier {} (PostgreSQL {}, block size {}, WAL segment size {})",
-                r.repo.display(),
+                r.repo,
                 r.identity.system_identifier,
                 r.identity.pg_major,
                 r.identity.block_size,

@@ -16,7 +16,7 @@ use chrono::Utc;
 use pgkeep_catalog::{Catalog, WalInsert, WalKind, WalRecord};
 use pgkeep_pg::{parse_segment_header, Lsn, WalFileName, WalSegSize};
 use pgkeep_repo::{
-    fetch_decompressed, keys, store_compressed, Commit, Digest, Storage, StorageError, StoredObject,
+    fetch_decompressed, keys, store_compressed, Commit, Digest, StorageError, StoredObject,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -82,16 +82,16 @@ pub fn archive_push(cfg: &Config, wal_path: &Path) -> Result<PushOutcome> {
             if (theirs.size, theirs.sha256) != (ours.size, ours.sha256) {
                 bail!(
                     "WAL file {file_name} is already archived with different content: the stored copy was kept; check that no other cluster archives into {}",
-                    repo.root.display()
+                    repo.name
                 );
             }
             // The push that stored it may have died before its fsyncs, or between the link and
             // the directory's fsync: answering 0 lets PostgreSQL recycle the segment, so make the
             // adopted copy as durable as one of ours first.
-            repo.storage
+            repo.storage()
                 .sync_object(&key)
                 .with_context(|| format!("making the stored copy of {file_name} durable"))?;
-            let stored_size = repo.storage.size(&key)?.unwrap_or(0);
+            let stored_size = repo.storage().size(&key)?.unwrap_or(0);
             insert_record(&repo.catalog, &record(file_name, &name, ours, stored_size))?;
             return Ok(PushOutcome::AlreadyArchived);
         }
@@ -99,7 +99,7 @@ pub fn archive_push(cfg: &Config, wal_path: &Path) -> Result<PushOutcome> {
     };
     if digest.size != size {
         // PostgreSQL never changes a file it handed to archive_command; something else did.
-        let _ = repo.storage.delete(&key);
+        let _ = repo.storage().delete(&key);
         bail!(
             "{} changed size while being archived ({size} then {} bytes): not archived",
             wal_path.display(),
@@ -211,7 +211,7 @@ fn check_content(
         bail!(
             "{file_name} belongs to system identifier {} but repository {} serves {sysid}: archive_command points at the wrong repository",
             header.system_identifier,
-            repo.root.display()
+            repo.name
         );
     }
     let expected = Lsn::from_segment(segno, seg);
@@ -248,7 +248,7 @@ pub fn archive_get(cfg: &Config, name: &str, dest: &Path) -> Result<()> {
     let key = keys::wal(repo.identity.system_identifier, name);
     let expect = match repo.catalog.wal(name)? {
         Some(rec) => Some((rec.size, rec.crc32c)),
-        None if repo.storage.size(&key)?.is_some() => None,
+        None if repo.storage().size(&key)?.is_some() => None,
         None => return Err(Outcome::NotInArchive(name.to_string()).into()),
     };
     let tmp = temp_sibling(dest);
@@ -274,15 +274,34 @@ fn temp_sibling(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}.pgkeep-{}", std::process::id()))
 }
 
-/// True when `name` is recorded in the archive.
-pub fn is_archived(catalog: &Catalog, name: &str) -> Result<bool> {
-    Ok(catalog.wal(name)?.is_some())
+/// True when `name` is in the archive. The repository decides, not its local index: an object
+/// the catalog has no row for (pushed from another host into a shared bucket, or by a push that
+/// died before recording it) is made durable, read back for its checksums and recorded first.
+pub fn is_archived(repo: &Repo, name: &str) -> Result<bool> {
+    if repo.catalog.wal(name)?.is_some() {
+        return Ok(true);
+    }
+    let Ok(parsed) = WalFileName::parse(name, repo.wal_seg_size()?) else {
+        return Ok(false);
+    };
+    let key = keys::wal(repo.identity.system_identifier, name);
+    let storage = repo.storage();
+    let Some(stored_size) = storage.size(&key)? else {
+        return Ok(false);
+    };
+    storage
+        .sync_object(&key)
+        .with_context(|| format!("making the stored copy of {name} durable"))?;
+    let digest = fetch_decompressed(storage, &key, &mut io::sink(), None, true)
+        .with_context(|| format!("reading the stored copy of {name}"))?;
+    insert_record(&repo.catalog, &record(name, &parsed, digest, stored_size))?;
+    Ok(true)
 }
 
-/// Wait until every name in `names` is archived, polling the catalog; `on_wait` is told of the
+/// Wait until every name in `names` is archived (see [`is_archived`]); `on_wait` is told of the
 /// first missing name each time the wait goes on. Errors after `timeout` naming the segment.
 pub fn wait_for_wal(
-    catalog: &Catalog,
+    repo: &Repo,
     names: &[String],
     timeout: Duration,
     mut on_wait: impl FnMut(&str),
@@ -291,7 +310,7 @@ pub fn wait_for_wal(
     let mut told: Option<String> = None;
     for name in names {
         loop {
-            if is_archived(catalog, name)? {
+            if is_archived(repo, name)? {
                 break;
             }
             if start.elapsed() >= timeout {

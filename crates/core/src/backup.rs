@@ -79,7 +79,7 @@ pub fn backup(
     let started = Instant::now();
     let repo = Repo::open(cfg)?;
     let lock_holder = format!("pid {} on {}", user::pid(), user::hostname());
-    let _lock = BackupLock::acquire(&repo.root, &lock_holder)?;
+    let _lock = BackupLock::acquire(&cfg.repo, &lock_holder)?;
     // Holding the lock, no other backup can be running: any RUNNING row is a dead one.
     mark_interrupted(&repo.catalog, true)?;
 
@@ -148,11 +148,7 @@ pub fn backup(
                 .catalog
                 .set_status(&label, BackupStatus::Error, Some(&message))
             {
-                let _ = put_bytes(
-                    repo.storage(),
-                    &keys::backup_meta(&label, BACKUP_INI),
-                    meta::backup_ini(&r).as_bytes(),
-                );
+                let _ = crate::status::store_status(repo.storage(), &r);
             }
             Err(e.context(format!("backup {label} failed")))
         }
@@ -203,7 +199,7 @@ fn preflight(
     check_same_cluster(
         &repo.identity,
         &crate::check::repo_identity(&server),
-        &repo.root,
+        &repo.name,
     )?;
     let mut primary = if in_recovery {
         let mut primary = standby::connect_primary(cfg)?;
@@ -525,7 +521,7 @@ fn run(
 
     progress.start("waiting for WAL", None);
     let status_dir = cfg.pg.data.join("pg_wal/archive_status");
-    wait_for_wal(&repo.catalog, &needed, cfg.backup.archive_timeout, |name| {
+    wait_for_wal(repo, &needed, cfg.backup.archive_timeout, |name| {
         let why = if record.from_standby {
             "the primary's archiver has not pushed it yet"
         } else if status_dir.join(format!("{name}.ready")).exists() {
@@ -562,14 +558,10 @@ fn run(
     // before the backup may be called DONE.
     storage
         .sync()
-        .with_context(|| format!("syncing repository {}", repo.root.display()))?;
+        .with_context(|| format!("syncing repository {}", repo.name))?;
     let mut done = record.clone();
     done.status = BackupStatus::Done;
-    put_bytes(
-        storage,
-        &keys::backup_meta(&record.label, BACKUP_INI),
-        meta::backup_ini(&done).as_bytes(),
-    )?;
+    crate::status::store_status(storage, &done)?;
     *record = repo
         .catalog
         .set_status(&record.label, BackupStatus::Done, None)?;

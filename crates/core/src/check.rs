@@ -168,14 +168,13 @@ pub fn check(cfg: &Config) -> Result<Vec<CheckLine>> {
             return Ok(lines);
         }
     };
-    match check_same_cluster(&repo.identity, &repo_identity(&server), &repo.root) {
+    match check_same_cluster(&repo.identity, &repo_identity(&server), &repo.name) {
         Ok(()) => push(
             true,
             "repository",
             format!(
                 "{} (system identifier {})",
-                repo.root.display(),
-                server.system_identifier
+                repo.name, server.system_identifier
             ),
         ),
         Err(e) => {
@@ -191,12 +190,7 @@ pub fn check(cfg: &Config) -> Result<Vec<CheckLine>> {
     archiver.execute("SELECT pg_create_restore_point('pgkeep check')")?;
     let segment = archiver.query_text("SELECT pg_walfile_name(pg_switch_wal())")?;
     let timeout = cfg.archive.check_timeout;
-    match wait_for_wal(
-        &repo.catalog,
-        std::slice::from_ref(&segment),
-        timeout,
-        |_| {},
-    ) {
+    match wait_for_wal(&repo, std::slice::from_ref(&segment), timeout, |_| {}) {
         Ok(()) => push(true, "archiving", format!("{segment} reached the archive")),
         Err(e) => push(false, "archiving", format!("{e:#}")),
     };

@@ -1,7 +1,10 @@
 //! Validated configuration handed to every command (the CLI builds it from TOML and flags).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use pgkeep_repo::keys;
+pub use pgkeep_repo::S3Config;
 
 /// Everything a command needs to know about the repository and the cluster.
 #[derive(Clone, Debug)]
@@ -17,9 +20,55 @@ pub struct Config {
     pub archive: ArchiveConfig,
 }
 
+/// Where the repository's objects live and where its local catalog is.
 #[derive(Clone, Debug)]
 pub struct RepoConfig {
-    pub path: PathBuf,
+    pub storage: RepoStorage,
+    /// The SQLite catalog: `catalog.db` inside a local repository, the `catalog` key for S3.
+    pub catalog: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub enum RepoStorage {
+    /// A directory on this host.
+    Local(PathBuf),
+    /// A bucket (and key prefix) of an S3-compatible server.
+    S3(S3Config),
+}
+
+impl RepoConfig {
+    /// A repository in directory `path`, its catalog inside it.
+    pub fn local(path: PathBuf) -> RepoConfig {
+        RepoConfig {
+            catalog: path.join(keys::CATALOG_FILE),
+            storage: RepoStorage::Local(path),
+        }
+    }
+
+    /// How messages name the repository: its directory, or its bucket and endpoint.
+    pub fn describe(&self) -> String {
+        match &self.storage {
+            RepoStorage::Local(path) => path.display().to_string(),
+            RepoStorage::S3(s3) => s3.describe(),
+        }
+    }
+
+    /// The file whose lock allows one backup at a time: inside a local repository; beside the
+    /// catalog for S3, so only backups started on this host are kept apart (one host writes a
+    /// bucket prefix).
+    pub fn lock_file(&self) -> PathBuf {
+        match &self.storage {
+            RepoStorage::Local(path) => path.join("backup.lock"),
+            RepoStorage::S3(_) => sibling(&self.catalog, ".lock"),
+        }
+    }
+}
+
+/// `path` with `suffix` appended to its file name.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 #[derive(Clone, Debug)]

@@ -1,20 +1,19 @@
 //! `pgkeep init`: create the repository and catalog for the configured cluster.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Context, Result};
 use pgkeep_catalog::{Catalog, RepoIdentity};
 
-use crate::config::Config;
+use crate::config::{Config, RepoStorage};
 use crate::pg;
-use crate::repo::{catalog_path, create_private_dir};
+use crate::repo::{create_private_dir, holds_data, open_storage};
 
 /// What `init` did.
 #[derive(Debug)]
 pub struct InitReport {
     /// False when the repository already existed for this very cluster.
     pub created: bool,
-    pub repo: PathBuf,
+    /// The repository's directory, or its bucket and endpoint.
+    pub repo: String,
     pub identity: RepoIdentity,
 }
 
@@ -33,51 +32,64 @@ pub fn init(cfg: &Config) -> Result<InitReport> {
         );
     }
     let identity = crate::check::repo_identity(&server);
-    let root = cfg.repo.path.clone();
-    let catalog_file = catalog_path(&root);
+    let name = cfg.repo.describe();
+    let catalog_file = &cfg.repo.catalog;
     if catalog_file.exists() {
-        let catalog = Catalog::open(&catalog_file)
+        let catalog = Catalog::open(catalog_file)
             .with_context(|| format!("opening catalog {}", catalog_file.display()))?;
         let existing = catalog.identity()?;
-        check_same_cluster(&existing, &identity, &root)?;
+        check_same_cluster(&existing, &identity, &name)?;
         return Ok(InitReport {
             created: false,
-            repo: root,
+            repo: name,
             identity: existing,
         });
     }
-    if root.exists()
-        && root
-            .read_dir()
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        bail!(
-            "repository path {} is not empty and holds no pgkeep catalog: choose an empty or new directory",
-            root.display()
-        );
+    match &cfg.repo.storage {
+        RepoStorage::Local(root) => {
+            if root.exists()
+                && root
+                    .read_dir()
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(true)
+            {
+                bail!(
+                    "repository path {} is not empty and holds no pgkeep catalog: choose an empty or new directory",
+                    root.display()
+                );
+            }
+            create_private_dir(root)?;
+        }
+        RepoStorage::S3(_) => {
+            let storage = open_storage(cfg)?;
+            if holds_data(storage.as_ref())? {
+                bail!(
+                    "{name} is not empty and there is no catalog {}: run `pgkeep catalog rebuild` for a repository of this cluster, or choose an empty bucket prefix",
+                    catalog_file.display()
+                );
+            }
+            storage.prepare()?;
+            if let Some(parent) = catalog_file.parent() {
+                create_private_dir(parent)?;
+            }
+        }
     }
-    create_private_dir(&root)?;
-    Catalog::create(&catalog_file, &identity)
+    Catalog::create(catalog_file, &identity)
         .with_context(|| format!("creating catalog {}", catalog_file.display()))?;
     Ok(InitReport {
         created: true,
-        repo: root,
+        repo: name,
         identity,
     })
 }
 
 /// Refuse to mix clusters, block sizes, segment sizes or major versions in one repository.
-pub fn check_same_cluster(
-    repo: &RepoIdentity,
-    server: &RepoIdentity,
-    root: &std::path::Path,
-) -> Result<()> {
+pub fn check_same_cluster(repo: &RepoIdentity, server: &RepoIdentity, root: &str) -> Result<()> {
     // First: after pg_upgrade the system identifier differs too, and the major is what to say.
     if repo.pg_major != server.pg_major {
         bail!(
             "repository {} holds PostgreSQL {} backups but the cluster runs PostgreSQL {}: after a major upgrade, point [repo] at a new repository and run `pgkeep init`",
-            root.display(),
+            root,
             repo.pg_major,
             server.pg_major
         );
@@ -85,7 +97,7 @@ pub fn check_same_cluster(
     if repo.system_identifier != server.system_identifier {
         bail!(
             "repository {} belongs to system identifier {} but the cluster has system identifier {}: use a separate repository path for each cluster",
-            root.display(),
+            root,
             repo.system_identifier,
             server.system_identifier
         );
@@ -93,7 +105,7 @@ pub fn check_same_cluster(
     if repo.block_size != server.block_size || repo.wal_segment_size != server.wal_segment_size {
         bail!(
             "repository {} was created for block size {} and WAL segment size {} but the cluster has {} and {}: use a new repository",
-            root.display(),
+            root,
             repo.block_size,
             repo.wal_segment_size,
             server.block_size,

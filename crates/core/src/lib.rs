@@ -22,6 +22,7 @@ pub mod repo;
 pub mod restore;
 pub mod show;
 pub mod standby;
+pub mod status;
 pub mod timeline;
 pub mod user;
 pub mod validate;

@@ -1,10 +1,11 @@
-//! One backup at a time per repository: an advisory lock on a file in the repository.
+//! One backup at a time per repository: an advisory lock on a local file (inside a local
+//! repository, beside the catalog of an S3 one).
 
+use crate::config::RepoConfig;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
@@ -16,8 +17,8 @@ pub struct BackupLock {
 
 impl BackupLock {
     /// Take the lock or fail naming the backup that holds it.
-    pub fn acquire(repo_root: &Path, holder: &str) -> Result<BackupLock> {
-        let path = repo_root.join("backup.lock");
+    pub fn acquire(repo: &RepoConfig, holder: &str) -> Result<BackupLock> {
+        let path = repo.lock_file();
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -33,7 +34,7 @@ impl BackupLock {
             let _ = file.read_to_string(&mut who);
             bail!(
                 "another backup is running in {}: {}; wait for it to finish",
-                repo_root.display(),
+                repo.describe(),
                 who.trim()
             );
         }

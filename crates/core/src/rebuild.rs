@@ -1,5 +1,6 @@
 //! `pgkeep catalog rebuild`: rebuild the SQLite catalog from the repository alone, from each
-//! backup's `backup.ini` and `manifest` and from the objects of the WAL archive.
+//! backup's `backup.ini`, newest status object and `manifest`, and from the objects of the WAL
+//! archive. For an S3 repository this is how a new host gets its local index.
 //!
 //! An existing catalog keeps its identity and has its rows replaced in one transaction. A missing
 //! one is rebuilt from scratch: the cluster's identity comes from a backup (its `backup.ini` and
@@ -20,16 +21,17 @@ use pgkeep_catalog::{
     WalRecord,
 };
 use pgkeep_pg::{ControlFile, WalFileName, WalSegSize};
-use pgkeep_repo::{fetch_decompressed, get_bytes, keys, LocalStorage, Storage};
+use pgkeep_repo::{fetch_decompressed, get_bytes, keys, Storage};
 
 use crate::archive::wal_kind;
 use crate::backup::{BACKUP_INI, MANIFEST};
 use crate::config::Config;
+use crate::config::RepoStorage;
 use crate::entries::check_entries;
 use crate::lock::BackupLock;
 use crate::parallel;
 use crate::progress::Progress;
-use crate::repo::catalog_path;
+use crate::repo::{create_private_dir, open_storage};
 use crate::user;
 
 /// What the rebuild found and did.
@@ -47,22 +49,29 @@ pub struct RebuildReport {
 
 /// Rebuild the catalog of the configured repository; see the module doc.
 pub fn rebuild(cfg: &Config, progress: &dyn Progress) -> Result<RebuildReport> {
-    let root = cfg.repo.path.clone();
-    if !root.is_dir() {
-        bail!(
-            "repository {} does not exist: fix [repo] path in {} or run `pgkeep init`",
-            root.display(),
-            cfg.config_path.display()
-        );
+    if let RepoStorage::Local(root) = &cfg.repo.storage {
+        if !root.is_dir() {
+            bail!(
+                "repository {} does not exist: fix [repo] path in {} or run `pgkeep init`",
+                root.display(),
+                cfg.config_path.display()
+            );
+        }
     }
     let holder = format!(
         "catalog rebuild, pid {} on {}",
         user::pid(),
         user::hostname()
     );
-    let _lock = BackupLock::acquire(&root, &holder)?;
-    let storage = LocalStorage::new(&root);
-    let catalog_file = catalog_path(&root);
+    if let Some(dir) = cfg.repo.catalog.parent() {
+        if !dir.exists() {
+            create_private_dir(dir)?;
+        }
+    }
+    let _lock = BackupLock::acquire(&cfg.repo, &holder)?;
+    let storage = open_storage(cfg)?;
+    let storage = storage.as_ref();
+    let catalog_file = cfg.repo.catalog.clone();
     let existing = match catalog_file.symlink_metadata() {
         Ok(_) => Some(Catalog::open(&catalog_file).with_context(|| {
             format!(
@@ -74,10 +83,10 @@ pub fn rebuild(cfg: &Config, progress: &dyn Progress) -> Result<RebuildReport> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", catalog_file.display())),
     };
     let mut warnings = Vec::new();
-    let mut backups = read_backups(&storage, &mut warnings)?;
+    let mut backups = read_backups(storage, &mut warnings)?;
     let identity = match &existing {
         Some(c) => c.identity()?,
-        None => identity_from_repo(&storage, &backups, cfg)?,
+        None => identity_from_repo(storage, &backups, cfg)?,
     };
     backups.retain(|(b, _)| {
         let ours = b.system_identifier == identity.system_identifier;
@@ -93,8 +102,7 @@ pub fn rebuild(cfg: &Config, progress: &dyn Progress) -> Result<RebuildReport> {
         .context("the repository identity holds an invalid WAL segment size")?;
     let jobs = cfg.backup.effective_jobs();
     let wal_reader = WalReader {
-        storage: &storage,
-        root: &root,
+        storage,
         sysid: identity.system_identifier,
         seg,
     };
@@ -141,12 +149,10 @@ fn read_backups(
     warnings: &mut Vec<String>,
 ) -> Result<Vec<(BackupRecord, Vec<FileRecord>)>> {
     let mut dirs: BTreeMap<String, bool> = BTreeMap::new();
-    // `backup/<label>/...` keys; the prefix of label "" is the backup directory itself.
-    let all = keys::backup_prefix("");
-    for key in storage
-        .list(all.trim_end_matches('/'))
-        .context("listing the backups in the repository")?
-    {
+    let listed = storage
+        .list(keys::BACKUP_PREFIX)
+        .context("listing the backups in the repository")?;
+    for key in &listed {
         let mut parts = key.splitn(3, '/');
         let (Some(_), Some(label), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
@@ -179,6 +185,16 @@ fn read_backups(
                 continue;
             }
         };
+        match crate::status::latest_status(storage, &label, &listed) {
+            Ok(Some((status, error))) => {
+                record.status = status;
+                record.error = error;
+            }
+            Ok(None) => {}
+            Err(e) => warnings.push(format!(
+                "the status changes of backup {label} cannot be read ({e:#}): indexed with the status of its backup.ini"
+            )),
+        }
         if record.status == BackupStatus::Running {
             // The backup lock is held: nothing is running.
             record.status = BackupStatus::Error;
@@ -303,8 +319,7 @@ fn pg_major(version_num: u32) -> u32 {
 
 /// Reads the objects of the WAL archive into catalog rows.
 struct WalReader<'a> {
-    storage: &'a LocalStorage,
-    root: &'a Path,
+    storage: &'a dyn Storage,
     sysid: u64,
     seg: WalSegSize,
 }
@@ -357,12 +372,14 @@ impl WalReader<'_> {
 
     fn record(&self, key: &str, name: &str) -> Result<WalRecord> {
         let parsed = WalFileName::parse(name, self.seg)?;
-        let meta = fs::metadata(self.root.join(key)).with_context(|| format!("reading {key}"))?;
+        let stored_size = self
+            .storage
+            .size(key)?
+            .ok_or_else(|| anyhow!("{key} vanished while the catalog was rebuilt"))?;
         let digest = fetch_decompressed(self.storage, key, &mut io::sink(), None, true)?;
-        let archived_at: DateTime<Utc> = meta
-            .modified()
-            .map(DateTime::from)
-            .unwrap_or_else(|_| Utc::now());
+        // Not every backend keeps a modification time: the rebuild's time stands in for the
+        // time the file was archived, which nothing decides by.
+        let archived_at: DateTime<Utc> = Utc::now();
         Ok(WalRecord {
             name: name.to_string(),
             kind: wal_kind(&parsed),
@@ -373,7 +390,7 @@ impl WalReader<'_> {
             sha256: digest
                 .sha256
                 .ok_or_else(|| anyhow!("no SHA-256 computed for {key}"))?,
-            stored_size: meta.len(),
+            stored_size,
             archived_at,
         })
     }

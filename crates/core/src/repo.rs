@@ -7,14 +7,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use pgkeep_catalog::{Catalog, RepoIdentity};
 use pgkeep_pg::WalSegSize;
-use pgkeep_repo::{keys, LocalStorage, Storage};
+use pgkeep_repo::{keys, LocalStorage, S3Storage, Storage};
 
-use crate::config::Config;
+use crate::config::{Config, RepoStorage};
 
 /// The repository of one cluster.
 pub struct Repo {
-    pub root: PathBuf,
-    pub storage: LocalStorage,
+    /// How messages name the repository (its directory, or its bucket and endpoint).
+    pub name: String,
+    storage: Box<dyn Storage>,
     pub catalog: Catalog,
     pub identity: RepoIdentity,
 }
@@ -22,30 +23,30 @@ pub struct Repo {
 impl Repo {
     /// Open the configured repository; a missing one is an error telling to run `pgkeep init`.
     pub fn open(cfg: &Config) -> Result<Repo> {
-        let root = cfg.repo.path.clone();
-        let catalog_path = catalog_path(&root);
-        if !catalog_path.exists() && holds_data(&root) {
-            bail!(
-                "catalog {} is missing but the repository holds backups or WAL: run `pgkeep catalog rebuild`",
-                catalog_path.display()
-            );
-        }
+        let catalog_path = &cfg.repo.catalog;
+        let name = cfg.repo.describe();
         if !catalog_path.exists() {
+            let storage = open_storage(cfg)?;
+            if holds_data(storage.as_ref())? {
+                bail!(
+                    "catalog {} is missing but the repository {name} holds backups or WAL: run `pgkeep catalog rebuild`",
+                    catalog_path.display()
+                );
+            }
             bail!(
-                "repository {} is not initialised: run `pgkeep init` (or fix [repo] path in {})",
-                root.display(),
+                "repository {name} is not initialised: run `pgkeep init` (or fix [repo] in {})",
                 cfg.config_path.display()
             );
         }
-        let catalog = Catalog::open(&catalog_path)
+        let catalog = Catalog::open(catalog_path)
             .with_context(|| format!("opening catalog {}", catalog_path.display()))?;
         let identity = catalog.identity()?;
         if crate::user::is_root() {
-            give_sidecars_to_owner(&catalog_path)?;
+            give_sidecars_to_owner(catalog_path)?;
         }
         Ok(Repo {
-            storage: LocalStorage::new(&root),
-            root,
+            storage: open_storage(cfg)?,
+            name,
             catalog,
             identity,
         })
@@ -53,17 +54,21 @@ impl Repo {
 
     /// The WAL segment size of the cluster this repository serves.
     pub fn wal_seg_size(&self) -> Result<WalSegSize> {
-        WalSegSize::new(u64::from(self.identity.wal_segment_size)).with_context(|| {
-            format!(
-                "catalog of {} holds an invalid WAL segment size",
-                self.root.display()
-            )
-        })
+        WalSegSize::new(u64::from(self.identity.wal_segment_size))
+            .with_context(|| format!("catalog of {} holds an invalid WAL segment size", self.name))
     }
 
     pub fn storage(&self) -> &dyn Storage {
-        &self.storage
+        self.storage.as_ref()
     }
+}
+
+/// The configured backend; no request is sent yet.
+pub fn open_storage(cfg: &Config) -> Result<Box<dyn Storage>> {
+    Ok(match &cfg.repo.storage {
+        RepoStorage::Local(path) => Box::new(LocalStorage::new(path)),
+        RepoStorage::S3(s3) => Box::new(S3Storage::new(s3.clone())?),
+    })
 }
 
 /// Run as root (restore may be), SQLite creates the catalog's `-wal` and `-shm` files as root; the
@@ -85,18 +90,15 @@ fn give_sidecars_to_owner(catalog_path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// True when the repository has a WAL archive or backup directory (the first component of
-/// those keys), so losing its catalog loses no data: `catalog rebuild` recovers it.
-fn holds_data(root: &Path) -> bool {
-    [keys::wal_prefix(0), keys::backup_prefix("")]
-        .iter()
-        .filter_map(|key| key.split('/').next())
-        .any(|dir| root.join(dir).is_dir())
-}
-
-/// Where the SQLite catalog lives inside a repository.
-pub fn catalog_path(root: &Path) -> PathBuf {
-    root.join(keys::CATALOG_FILE)
+/// True when the repository holds a WAL archive or a backup, so losing its catalog loses no
+/// data: `catalog rebuild` recovers it.
+pub(crate) fn holds_data(storage: &dyn Storage) -> Result<bool> {
+    for prefix in [keys::ARCHIVE_PREFIX, keys::BACKUP_PREFIX] {
+        if !storage.list(prefix)?.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Create a directory (and parents) with mode 0700, as every repository directory is.

@@ -552,7 +552,7 @@ fn check_wal(repo: &Repo, b: &BackupRecord) -> Result<()> {
         .stop_lsn
         .ok_or_else(|| anyhow!("backup {} has no stop LSN: it did not finish", b.label))?;
     for name in needed_segments(TimelineId(b.timeline), b.start_lsn, stop, seg) {
-        if repo.catalog.wal(&name)?.is_none() {
+        if !crate::archive::is_archived(repo, &name)? {
             bail!(
                 "WAL segment {name}, needed to make backup {} consistent, is missing from the archive: run `pgkeep validate` and restore another backup",
                 b.label

@@ -5,8 +5,8 @@
 //! A DONE or CORRUPT backup that passes becomes OK; one with any problem (a damaged or missing
 //! file, a missing metadata file, a missing or damaged WAL segment it needs to become
 //! consistent, a parent that is missing or not restorable) becomes CORRUPT, which restore
-//! refuses. The new status is also written to the backup's `backup.ini`, so a catalog rebuilt
-//! from the repository keeps it.
+//! refuses. The new status is also recorded in the repository (`status::store_status`), so a
+//! catalog rebuilt from the repository keeps it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use pgkeep_catalog::{meta, BackupRecord, BackupStatus, Catalog, FileKind, FileRecord, WalRecord};
 use pgkeep_pg::{Lsn, TimelineId, WalFileName, WalSegSize};
-use pgkeep_repo::{fetch_decompressed, get_bytes, keys, put_bytes, StorageError};
+use pgkeep_repo::{fetch_decompressed, get_bytes, keys, StorageError};
 
 use crate::backup::{needed_segments, BACKUP_INI, BACKUP_LABEL, MANIFEST};
 use crate::config::Config;
 use crate::parallel;
 use crate::progress::Progress;
 use crate::repo::Repo;
+use crate::status::store_status;
 use crate::walchain::{read_history, WalChain, Window};
 
 /// What to validate.
@@ -130,7 +131,7 @@ pub fn validate(
     let interrupted = crate::backup::mark_interrupted(&repo.catalog, false)?;
     for label in &interrupted {
         if let Some(b) = repo.catalog.backup(label)? {
-            write_backup_ini(&repo, &b)?;
+            store_status(repo.storage(), &b)?;
         }
     }
     let all = repo.catalog.backups()?;
@@ -216,7 +217,10 @@ pub fn validate(
             BackupStatus::Corrupt
         };
         let record = record_status(&repo.catalog, b, status, &problems)?;
-        write_backup_ini(&repo, &record)?;
+        // Each change is a new object in the repository: an unchanged status adds none.
+        if (record.status, &record.error) != (b.status, &b.error) {
+            store_status(repo.storage(), &record)?;
+        }
         if let Some(k) = known.get_mut(&b.label) {
             k.status = status;
         }
@@ -747,17 +751,6 @@ fn record_status(
         return Ok(b.clone());
     }
     Ok(catalog.set_status(&b.label, status, error.as_deref())?)
-}
-
-/// Rewrite the backup's `backup.ini` from its record, so the repository alone says what the
-/// catalog says.
-fn write_backup_ini(repo: &Repo, b: &BackupRecord) -> Result<()> {
-    put_bytes(
-        repo.storage(),
-        &keys::backup_meta(&b.label, BACKUP_INI),
-        meta::backup_ini(b).as_bytes(),
-    )
-    .with_context(|| format!("writing backup.ini of backup {}", b.label))
 }
 
 #[cfg(test)]

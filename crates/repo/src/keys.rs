@@ -1,10 +1,13 @@
 //! Repository key layout, in one place.
 //!
 //! ```text
-//! catalog.db                                         SQLite catalog (needs a real path)
+//! catalog.db                                         SQLite catalog (local repositories)
+//! storage.ini                                        what `init` probed of an object store
+//! probe/<pid>                                        the probe's object, deleted after it
 //! archive/<sysid>/<timeline+log>/<segment>.lz4       WAL segments, .partial and .backup files
 //! archive/<sysid>/<NNNNNNNN>.history.lz4             timeline history files
 //! backup/<label>/<name>                              backup.ini, manifest, backup_label, ...
+//! backup/<label>/status/<seq>-<STATUS>               each later status change, newest wins
 //! backup/<label>/data/<path>.lz4                     cluster files, path relative to PGDATA
 //! ```
 //! WAL is keyed by system identifier (decimal, as `pg_controldata` prints it) so segments of two
@@ -14,9 +17,22 @@
 /// The SQLite catalog, at the repository root.
 pub const CATALOG_FILE: &str = "catalog.db";
 
+/// What `init` found an object store can do (whether it enforces conditional creates).
+pub const STORAGE_INFO: &str = "storage.ini";
+
+/// The object `init` writes twice to probe conditional creates, then deletes.
+pub fn storage_probe(pid: u32) -> String {
+    format!("probe/{pid}")
+}
+
 const ARCHIVE: &str = "archive";
 const BACKUP: &str = "backup";
+/// Everything of the WAL archive lies under this prefix.
+pub const ARCHIVE_PREFIX: &str = ARCHIVE;
+/// Everything of the backups lies under this prefix.
+pub const BACKUP_PREFIX: &str = BACKUP;
 const LZ4: &str = ".lz4";
+const STATUS: &str = "status";
 /// Segment names start with 24 hex digits, of which the first 16 name the directory.
 const SEGMENT_NAME_LEN: usize = 24;
 const DIR_NAME_LEN: usize = 16;
@@ -74,6 +90,28 @@ pub fn backup_path_from_key<'k>(label: &str, key: &'k str) -> Option<&'k str> {
 /// `backup/<label>/<name>`, e.g. backup.ini, manifest, backup_label, tablespace_map.
 pub fn backup_meta(label: &str, name: &str) -> String {
     format!("{BACKUP}/{label}/{name}")
+}
+
+/// `backup/<label>/status`: the status changes of a backup since its `backup.ini` was written.
+pub fn backup_status_prefix(label: &str) -> String {
+    format!("{BACKUP}/{label}/{STATUS}")
+}
+
+/// `backup/<label>/status/<seq>-<status>`, `seq` zero-padded so keys sort in order of change.
+pub fn backup_status(label: &str, seq: u64, status: &str) -> String {
+    format!("{BACKUP}/{label}/{STATUS}/{seq:010}-{status}")
+}
+
+/// Inverse of [`backup_status`]: the label, sequence number and status of a status key.
+pub fn backup_status_from_key(key: &str) -> Option<(&str, u64, &str)> {
+    let rest = key.strip_prefix(BACKUP)?.strip_prefix('/')?;
+    let (label, rest) = rest.split_once('/')?;
+    let name = rest.strip_prefix(STATUS)?.strip_prefix('/')?;
+    let (seq, status) = name.split_once('-')?;
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) || status.is_empty() {
+        return None;
+    }
+    Some((label, seq.parse().ok()?, status))
 }
 
 /// The directory a WAL file goes in, `None` for files kept flat (history files). `get` rather
@@ -149,5 +187,25 @@ mod tests {
             "backup/20261121-101500F/backup_label"
         );
         assert_eq!(CATALOG_FILE, "catalog.db");
+    }
+
+    #[test]
+    fn status_keys_round_trip_and_sort_in_order() {
+        let k9 = backup_status("20261121-101500F", 9, "OK");
+        let k10 = backup_status("20261121-101500F", 10, "CORRUPT");
+        assert_eq!(k9, "backup/20261121-101500F/status/0000000009-OK");
+        assert!(k9 < k10);
+        assert_eq!(
+            backup_status_from_key(&k10),
+            Some(("20261121-101500F", 10, "CORRUPT"))
+        );
+        assert_eq!(backup_status_prefix("L"), "backup/L/status");
+        for other in [
+            "backup/L/backup.ini",
+            "backup/L/status/x-OK",
+            "backup/L/status/1-",
+        ] {
+            assert_eq!(backup_status_from_key(other), None, "{other}");
+        }
     }
 }

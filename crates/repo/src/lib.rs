@@ -2,8 +2,8 @@
 //!
 //! A [`Storage`] holds objects under '/'-separated keys and makes each write durable and visible
 //! in one step ([`PendingObject::commit`], or [`PendingObject::commit_new`] when an existing
-//! object must never be replaced); [`LocalStorage`] keeps them in a directory tree and
-//! [`MemoryStorage`] in memory for tests. Object contents are LZ4 frames written by
+//! object must never be replaced); [`LocalStorage`] keeps them in a directory tree,
+//! [`S3Storage`] in a bucket of an S3-compatible server and [`MemoryStorage`] in memory for tests. Object contents are LZ4 frames written by
 //! [`CompressWriter`] and read by [`DecompressReader`], which compute the size, CRC-32C and
 //! SHA-256 of the raw bytes while they stream, so nothing is read twice; [`store_compressed`] and
 //! [`fetch_decompressed`] put the two together ([`fetch_decompressed_at`] decodes the blocks of a
@@ -17,12 +17,14 @@ mod key;
 pub mod keys;
 mod local;
 mod memory;
+mod s3;
 mod stream;
 mod transfer;
 
 pub use durable::{syncfs_reports_errors, FsSync};
 pub use local::{start_writeback, LocalStorage, SyncMethod};
 pub use memory::MemoryStorage;
+pub use s3::{S3Config, S3Storage};
 pub use stream::{CompressWriter, DecompressReader, Digest, FrameError, BLOCK_SIZE};
 pub use transfer::{
     fetch_decompressed, fetch_decompressed_at, get_bytes, put_bytes, store_compressed,
@@ -53,6 +55,10 @@ pub enum StorageError {
         #[source]
         source: io::Error,
     },
+    /// The storage service refused or failed a request; `detail` is one line naming the
+    /// service (endpoint and bucket) and what to do.
+    #[error("{detail}")]
+    Service { key: String, detail: String },
     /// Writing out the bytes fetched from `key` failed (the destination, not the repository).
     #[error("writing out the data fetched from {key}")]
     Destination {
@@ -73,6 +79,7 @@ impl StorageError {
             | StorageError::Io { key, .. }
             | StorageError::Corrupt { key, .. }
             | StorageError::InvalidKey { key }
+            | StorageError::Service { key, .. }
             | StorageError::Source { key, .. }
             | StorageError::Destination { key, .. } => key,
         }
@@ -86,7 +93,7 @@ impl StorageError {
     }
 }
 
-/// Where repository bytes live (local filesystem now, object storage later). Keys are
+/// Where repository bytes live (a local directory, or a bucket of an S3-compatible server). Keys are
 /// '/'-separated relative paths.
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Start writing a new object at `key`; nothing is visible under `key` until commit.
@@ -110,6 +117,17 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// no errors). Backends whose commits are durable on their own need not override it.
     fn sync(&self) -> Result<()> {
         Ok(())
+    }
+    /// Called by `init` before anything is stored: check that the repository can be reached
+    /// and written, and probe and record what the backend may lack (object storage: whether
+    /// the server enforces conditional creates).
+    fn prepare(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Whether [`PendingObject::commit_new`] is enforced by the backend itself: `None` where it
+    /// always is (a filesystem's link(2)), else what `prepare` found.
+    fn conditional_create(&self) -> Result<Option<bool>> {
+        Ok(None)
     }
     /// Make the committed object at `key` durable, whoever committed it: for an object left by
     /// another process that may have died before its own fsyncs (local fs: fsync of the file

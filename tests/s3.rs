@@ -1,0 +1,293 @@
+//! Repositories in a bucket of a real S3-compatible server (s3s-fs on loopback, data on disk):
+//! the round trips of a local repository, the catalog rebuilt from the bucket alone, write-once
+//! objects, and one-line errors for what users get wrong.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::harness::s3::{free_port, S3Server, SECRET_KEY};
+use crate::harness::{user_command, Cluster, ClusterOptions, Run};
+use crate::restore::server_now;
+
+const BUCKET: &str = "pgkeep";
+const PREFIX: &str = "main";
+
+/// A cluster archiving into `bucket`/`PREFIX` of `s3`, its catalog in `<dir>/repo/catalog.db`.
+fn s3_cluster(s3: &S3Server, opts: ClusterOptions) -> Cluster {
+    let catalog = PathBuf::from("{dir}/repo/catalog.db");
+    Cluster::with(ClusterOptions {
+        repo_toml: Some(s3.repo_toml(BUCKET, PREFIX, &catalog)),
+        ..opts
+    })
+}
+
+/// The object at `key` of the repository's prefix, as s3s-fs keeps it on disk.
+fn object(s3: &S3Server, key: &str) -> PathBuf {
+    s3.object_path(BUCKET, &format!("{PREFIX}/{key}"))
+}
+
+/// Names in a "directory" of the bucket, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn remove_catalog(cluster: &Cluster) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(cluster.repo.join(format!("catalog.db{suffix}")));
+    }
+}
+
+#[test]
+fn s3_backups_validate_and_a_catalog_rebuilt_from_the_bucket_restores_to_a_time() {
+    let Some(s3) = S3Server::start() else { return };
+    s3.create_bucket(BUCKET);
+    let mut cluster = s3_cluster(&s3, ClusterOptions::default());
+    let info = fs::read_to_string(object(&s3, "storage.ini")).unwrap();
+    assert!(info.contains("conditional-create = "), "{info}");
+
+    cluster.execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g;");
+    let full = cluster.backup("full");
+    assert_eq!(full["status"], "DONE");
+    cluster.execute("UPDATE t SET v = 'changed' WHERE id <= 500; INSERT INTO t SELECT g, 'new' FROM generate_series(20001, 30000) g;");
+    let incr = cluster.backup("incr");
+    assert_eq!(incr["status"], "DONE");
+    assert_eq!(incr["parent"], full["label"]);
+    let full_label = full["label"].as_str().unwrap();
+    let incr_label = incr["label"].as_str().unwrap();
+    for label in [full_label, incr_label] {
+        assert!(object(&s3, &format!("backup/{label}/backup.ini")).is_file());
+        assert!(object(&s3, &format!("backup/{label}/manifest")).is_file());
+    }
+    // Nothing of the repository but its index and lock is on local disk.
+    let local = names(&cluster.repo);
+    assert!(
+        local.iter().all(|n| n.starts_with("catalog.db")),
+        "{local:?}"
+    );
+
+    cluster.switch_wal_and_wait();
+    let run = cluster.pgkeep(&["validate"]);
+    assert!(run.success(), "{run:?}");
+    assert!(
+        run.stdout
+            .contains(&format!("backup {incr_label} OK (was DONE)")),
+        "{run:?}"
+    );
+    // The status change is a new object; backup.ini is never rewritten.
+    let ini = fs::read_to_string(object(&s3, &format!("backup/{full_label}/backup.ini"))).unwrap();
+    assert!(ini.contains("\nSTATUS=DONE\n"), "{ini}");
+    assert_eq!(
+        names(&object(&s3, &format!("backup/{full_label}/status"))),
+        ["0000000001-OK"]
+    );
+
+    let live = cluster.fingerprint("t", "id");
+    std::thread::sleep(Duration::from_millis(300));
+    let t = server_now(&cluster);
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.execute("DELETE FROM t WHERE id > 100");
+    cluster.switch_wal_and_wait();
+
+    // A new host: the local index is gone, the bucket alone gives it back.
+    remove_catalog(&cluster);
+    let run = cluster.pgkeep(&["show"]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("catalog rebuild"), "{run:?}");
+    cluster.pgkeep_ok(&["catalog", "rebuild"]);
+    let statuses: Vec<(String, String)> = cluster
+        .backups()
+        .iter()
+        .map(|b| (b["label"].to_string(), b["status"].to_string()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (full["label"].to_string(), "\"OK\"".to_string()),
+            (incr["label"].to_string(), "\"OK\"".to_string())
+        ]
+    );
+
+    cluster.stop_and_wipe();
+    let run = cluster.restore(&["--target-time", &t, "--target-action", "promote"]);
+    assert!(run.success(), "{run:?}");
+    cluster.start();
+    cluster.wait_promoted();
+    assert_eq!(cluster.fingerprint("t", "id"), live);
+}
+
+#[test]
+fn s3_delta_restore_archive_get_and_a_conflicting_push_refused() {
+    let Some(s3) = S3Server::start() else { return };
+    s3.create_bucket(BUCKET);
+    let mut cluster = s3_cluster(&s3, ClusterOptions::default());
+    cluster.pg_tool_ok("pgbench", &["-i", "-s", "2", "-q"]);
+    let at_backup = cluster.pgbench_fingerprints();
+    let full = cluster.backup("full");
+    let first = cluster.query_text(&format!(
+        "SELECT pg_walfile_name('{}')",
+        full["start_lsn"].as_str().unwrap()
+    ));
+    let seg = cluster.switch_wal_and_wait();
+
+    // archive-get gives back what was pushed; a name the archive lacks exits 1, quietly.
+    let fetched = cluster.dir.path().join("fetched");
+    cluster.pgkeep_ok(&["archive-get", &seg, fetched.to_str().unwrap()]);
+    let original = fs::read(&fetched).unwrap();
+    assert_eq!(original.len(), 16 << 20);
+    let run = cluster.pgkeep(&["archive-get", "00000001000000FF000000FF", "/tmp/none"]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+
+    // The same name with other content is refused and the stored copy kept.
+    let incoming = cluster.dir.subdir("incoming");
+    let mut forged = original.clone();
+    forged[100_000] ^= 0xff;
+    let forged_path = incoming.join(&seg);
+    fs::write(&forged_path, &forged).unwrap();
+    crate::harness::chown_to_postgres(&forged_path);
+    let run = cluster.pgkeep(&["archive-push", forged_path.to_str().unwrap()]);
+    assert_ne!(run.code, Some(0), "{run:?}");
+    assert!(run.stderr.contains("different content"), "{run:?}");
+    // And refused by the bucket itself when the catalog has no row for it (a push that died
+    // between storing the object and recording it).
+    forget_wal(&cluster, &seg);
+    let run = cluster.pgkeep(&["archive-push", forged_path.to_str().unwrap()]);
+    assert!(run.stderr.contains("different content"), "{run:?}");
+    fs::remove_file(&fetched).unwrap();
+    cluster.pgkeep_ok(&["archive-get", &seg, fetched.to_str().unwrap()]);
+    assert!(fs::read(&fetched).unwrap() == original);
+
+    // --delta over a diverged copy, with the index missing a segment the backup needs: restore
+    // finds it in the bucket and records it again.
+    forget_wal(&cluster, &first);
+    cluster.pg_tool_ok("pgbench", &["-c", "1", "-t", "300", "-n"]);
+    cluster.execute("CREATE TABLE extra AS SELECT generate_series(1, 10000) AS id; CHECKPOINT;");
+    cluster.stop();
+    let run = cluster.restore(&[
+        "--delta",
+        "--target",
+        "immediate",
+        "--target-action",
+        "promote",
+    ]);
+    assert!(run.success(), "{run:?}");
+    assert!(run.stdout.contains("kept"), "{run:?}");
+    cluster.start();
+    cluster.wait_promoted();
+    assert_eq!(cluster.pgbench_fingerprints(), at_backup);
+    let catalog = pgkeep_catalog::Catalog::open(&cluster.repo.join("catalog.db")).unwrap();
+    assert!(
+        catalog.wal(&first).unwrap().is_some(),
+        "{first} not indexed again"
+    );
+}
+
+/// Drop WAL file `name`'s row from the local index, leaving its object in the bucket.
+fn forget_wal(cluster: &Cluster, name: &str) {
+    let catalog = pgkeep_catalog::Catalog::open(&cluster.repo.join("catalog.db")).unwrap();
+    catalog.delete_wal(name).unwrap();
+    drop(catalog);
+    // Opened as root here: the sidecar files must stay the cluster user's.
+    for file in names(&cluster.repo) {
+        crate::harness::chown_to_postgres(&cluster.repo.join(file));
+    }
+}
+
+/// Run pgkeep as the cluster's user with another config file.
+fn pgkeep_with(cluster: &Cluster, config: &Path, args: &[&str]) -> Run {
+    let out = user_command(&cluster.pgkeep_bin)
+        .current_dir(cluster.dir.path())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    Run::from_output(out)
+}
+
+fn assert_one_line(run: &Run, code: i32, needles: &[&str]) {
+    assert_eq!(run.code, Some(code), "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    for needle in needles {
+        assert!(run.stderr.contains(needle), "expected {needle:?}: {run:?}");
+    }
+    assert!(!run.stderr.contains(SECRET_KEY), "secret printed: {run:?}");
+}
+
+#[test]
+fn s3_wrong_credentials_missing_bucket_and_bad_endpoint_are_one_line_errors() {
+    let Some(s3) = S3Server::start() else { return };
+    s3.create_bucket(BUCKET);
+    let cluster = s3_cluster(
+        &s3,
+        ClusterOptions {
+            init_repo: false,
+            archive: false,
+            ..ClusterOptions::default()
+        },
+    );
+    let good = fs::read_to_string(&cluster.config).unwrap();
+    let variant = |name: &str, from: &str, to: &str| {
+        assert!(good.contains(from), "{from}");
+        cluster.dir.write(name, good.replace(from, to))
+    };
+    let at = format!("bucket {BUCKET} at {}", s3.endpoint);
+
+    let wrong_secret = variant("secret.toml", SECRET_KEY, "not-the-secret");
+    let run = pgkeep_with(&cluster, &wrong_secret, &["init"]);
+    assert_one_line(&run, 1, &["access denied", &at]);
+    assert!(!run.stderr.contains("not-the-secret"), "{run:?}");
+
+    let missing = variant("bucket.toml", "bucket = \"pgkeep\"", "bucket = \"nosuch\"");
+    let run = pgkeep_with(&cluster, &missing, &["init"]);
+    assert_one_line(&run, 1, &["bucket nosuch", "does not exist"]);
+
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let bad_endpoint = variant("endpoint.toml", &s3.endpoint, &nowhere);
+    let run = pgkeep_with(&cluster, &bad_endpoint, &["init"]);
+    assert_one_line(&run, 1, &["cannot reach", &nowhere]);
+
+    let no_catalog = variant("catalog.toml", "catalog = ", "# catalog = ");
+    let run = pgkeep_with(&cluster, &no_catalog, &["init"]);
+    assert_one_line(&run, 2, &["needs catalog"]);
+
+    // None of it left anything behind: the right config still initialises the bucket.
+    let run = cluster.pgkeep_ok(&["init"]);
+    assert!(run.stdout.contains("created"), "{run:?}");
+}
+
+#[test]
+fn s3_server_stopped_mid_backup_leaves_it_error_and_the_next_backup_works() {
+    let Some(mut s3) = S3Server::start() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let cluster = s3_cluster(&s3, ClusterOptions::default());
+    cluster.pg_tool_ok("pgbench", &["-i", "-s", "10", "-q"]);
+    let failed = std::thread::scope(|scope| {
+        let backup = scope.spawn(|| cluster.pgkeep(&["backup", "--type", "full"]));
+        // Stop the server once the backup is under way.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !cluster.backups().iter().any(|b| b["status"] == "RUNNING") {
+            assert!(std::time::Instant::now() < deadline, "no backup started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s3.stop();
+        backup.join().unwrap()
+    });
+    assert_eq!(failed.code, Some(1), "{failed:?}");
+    assert!(failed.stderr.contains("failed"), "{failed:?}");
+    s3.restart();
+    let backups = cluster.backups();
+    assert_eq!(backups.len(), 1);
+    assert_eq!(backups[0]["status"], "ERROR");
+    let next = cluster.backup("full");
+    assert_eq!(next["status"], "DONE");
+}
