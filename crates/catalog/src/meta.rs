@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crate::text::{escape, parse_time, time_text, unescape, NULL};
+use crate::text::{escape, parse_pin, parse_time, pin_text, time_text, unescape, NULL};
 use crate::{BackupRecord, CatalogError, FileRecord, Result};
 
 /// Name of the backup description file in a backup's repository directory.
@@ -21,7 +21,7 @@ pub const MANIFEST_FILE: &str = "manifest";
 const INI_HEADER: &str = "# pgkeep backup metadata, format 1";
 
 /// Keys of `backup.ini` in the order they are written.
-const INI_KEYS: [&str; 23] = [
+const INI_KEYS: [&str; 24] = [
     "LABEL",
     "BACKUP_TYPE",
     "STATUS",
@@ -45,6 +45,7 @@ const INI_KEYS: [&str; 23] = [
     "HOSTNAME",
     "PAGE_CHECKSUM_FAILURES",
     "ERROR",
+    "PINNED",
 ];
 
 /// `backup.ini`: a comment line, then one `KEY=VALUE` line per [`BackupRecord`] field in a fixed
@@ -52,10 +53,12 @@ const INI_KEYS: [&str; 23] = [
 /// `START_TIME=2026-11-21T10:15:00.123456Z`. Keys are the field names in UPPER_SNAKE case
 /// (`backup_type` is `BACKUP_TYPE`). Absent optional values are written empty (`PARENT=`), so an
 /// optional text field that is `Some("")` reads back as None. Numbers are decimal, LSNs `X/X`,
-/// times RFC 3339 UTC with microseconds, `DATA_CHECKSUMS` is `true` or `false`.
+/// times RFC 3339 UTC with microseconds, `DATA_CHECKSUMS` is `true` or `false`. `PINNED`
+/// (`forever` or the time the pin ends) is written only for a pinned backup, so the `backup.ini`
+/// of every other backup stays readable by a pgkeep that predates pins.
 pub fn backup_ini(b: &BackupRecord) -> String {
     let opt = |v: &Option<String>| v.as_deref().map(escape).unwrap_or_default();
-    let values: [String; 23] = [
+    let values: [String; 24] = [
         escape(&b.label),
         b.backup_type.to_string(),
         b.status.to_string(),
@@ -79,11 +82,15 @@ pub fn backup_ini(b: &BackupRecord) -> String {
         escape(&b.hostname),
         b.page_checksum_failures.to_string(),
         opt(&b.error),
+        b.pinned.as_ref().map(pin_text).unwrap_or_default(),
     ];
     let mut out = String::with_capacity(1024);
     out.push_str(INI_HEADER);
     out.push('\n');
     for (key, value) in INI_KEYS.iter().zip(values) {
+        if *key == "PINNED" && value.is_empty() {
+            continue;
+        }
         out.push_str(key);
         out.push('=');
         out.push_str(&value);
@@ -129,6 +136,7 @@ pub fn parse_backup_ini(text: &str) -> Result<BackupRecord> {
         page_checksum_failures: ini
             .parsed("PAGE_CHECKSUM_FAILURES", "a page count", |s| s.parse().ok())?,
         error: ini.opt_text("ERROR"),
+        pinned: ini.opt_parsed("PINNED", "forever or an RFC 3339 time", parse_pin)?,
     })
 }
 

@@ -18,7 +18,7 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 pub(crate) const APPLICATION_ID: i32 = 0x5047_4B50;
 
 /// SQL that takes the schema from version `i` to `i + 1`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
 
 const V1: &str = "
 CREATE TABLE repo_identity (
@@ -90,4 +90,11 @@ CREATE TABLE wal (
     archived_at  TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX wal_timeline_segno ON wal (timeline, segno);
+";
+
+/// Pinned backups (`pgkeep pin`): NULL when not pinned, `forever`, or the RFC 3339 UTC time the
+/// pin ends.
+const V2: &str = "
+ALTER TABLE backup ADD COLUMN pinned TEXT
+    CHECK (pinned IS NULL OR pinned = 'forever' OR pinned GLOB '[0-9][0-9][0-9][0-9]-*');
 ";

@@ -6,7 +6,7 @@ mod meta;
 
 use chrono::{DateTime, TimeZone, Utc};
 use pgkeep_catalog::{
-    BackupRecord, BackupStatus, BackupType, FileKind, FileRecord, Lsn, RepoIdentity, WalKind,
+    BackupRecord, BackupStatus, BackupType, FileKind, FileRecord, Lsn, Pin, RepoIdentity, WalKind,
     WalRecord,
 };
 use proptest::prelude::*;
@@ -51,6 +51,7 @@ pub fn backup(label: &str, start: &str) -> BackupRecord {
         hostname: "db1".into(),
         page_checksum_failures: 0,
         error: None,
+        pinned: None,
     }
 }
 
@@ -121,10 +122,12 @@ pub fn arb_backup() -> impl Strategy<Value = BackupRecord> {
         arb_text(),
         proptest::option::of(arb_nonempty_text()),
     );
+    let pin = prop_oneof![Just(Pin::Forever), arb_time().prop_map(Pin::Until)];
     let times = (
         arb_time(),
         proptest::option::of(arb_time()),
         proptest::option::of(arb_time()),
+        proptest::option::of(pin),
     );
     let counts = (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>());
     let cluster = (
@@ -140,7 +143,7 @@ pub fn arb_backup() -> impl Strategy<Value = BackupRecord> {
         |(
             (backup_type, status, parent, label),
             (timeline, start_lsn, stop_lsn, start_wal, stop_wal),
-            (start_time, end_time, recovery_time),
+            (start_time, end_time, recovery_time, pinned),
             (data_bytes, stored_bytes, files, page_checksum_failures),
             (pg_version_num, system_identifier, block_size, data_checksums, pid, hostname, error),
         )| BackupRecord {
@@ -167,6 +170,7 @@ pub fn arb_backup() -> impl Strategy<Value = BackupRecord> {
             hostname,
             page_checksum_failures,
             error,
+            pinned,
         },
     )
 }
