@@ -61,6 +61,9 @@ pub struct BackupSummary {
     pub record: BackupRecord,
     pub elapsed: Duration,
     pub page_failures: Vec<PageFailure>,
+    /// What the automatic `expire` after the backup removed, or why it failed (the backup
+    /// stays DONE either way); None when `[retention]` sets no policy or `auto = false`.
+    pub expired: Option<std::result::Result<crate::retention::RetentionReport, String>>,
 }
 
 /// Name of the per-backup metadata files in the repository.
@@ -118,6 +121,7 @@ pub fn backup(
         hostname: user::hostname(),
         page_checksum_failures: 0,
         error: None,
+        pinned: None,
     };
     repo.catalog.insert_backup(&record)?;
     let jobs = opts
@@ -134,22 +138,26 @@ pub fn backup(
         jobs,
         progress,
     ) {
-        Ok(page_failures) => Ok(BackupSummary {
-            record,
-            elapsed: started.elapsed(),
-            page_failures,
-        }),
+        Ok(page_failures) => {
+            let elapsed = started.elapsed();
+            // Still under the backup lock, so nothing can start between the two.
+            let expired = (cfg.retention.auto && cfg.retention.policy.is_set()).then(|| {
+                crate::retention::expire_locked(cfg, &repo, false).map_err(|e| format!("{e:#}"))
+            });
+            Ok(BackupSummary {
+                record,
+                elapsed,
+                page_failures,
+                expired,
+            })
+        }
         Err(e) => {
             let message = format!("{e:#}");
             if let Ok(r) = repo
                 .catalog
                 .set_status(&label, BackupStatus::Error, Some(&message))
             {
-                let _ = put_bytes(
-                    repo.storage(),
-                    &keys::backup_meta(&label, BACKUP_INI),
-                    meta::backup_ini(&r).as_bytes(),
-                );
+                let _ = repo.write_backup_ini(&r);
             }
             Err(e.context(format!("backup {label} failed")))
         }
@@ -514,11 +522,7 @@ fn run(
         .with_context(|| format!("syncing repository {}", repo.root.display()))?;
     let mut done = record.clone();
     done.status = BackupStatus::Done;
-    put_bytes(
-        storage,
-        &keys::backup_meta(&record.label, BACKUP_INI),
-        meta::backup_ini(&done).as_bytes(),
-    )?;
+    repo.write_backup_ini(&done)?;
     *record = repo
         .catalog
         .set_status(&record.label, BackupStatus::Done, None)?;

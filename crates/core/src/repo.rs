@@ -5,9 +5,9 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use pgkeep_catalog::{Catalog, RepoIdentity};
+use pgkeep_catalog::{meta, BackupRecord, Catalog, RepoIdentity};
 use pgkeep_pg::WalSegSize;
-use pgkeep_repo::{keys, LocalStorage, Storage};
+use pgkeep_repo::{keys, put_bytes, LocalStorage, Storage};
 
 use crate::config::Config;
 
@@ -63,6 +63,17 @@ impl Repo {
 
     pub fn storage(&self) -> &dyn Storage {
         &self.storage
+    }
+
+    /// Rewrite a backup's `backup.ini` from its record, so the repository alone says what the
+    /// catalog says.
+    pub fn write_backup_ini(&self, b: &BackupRecord) -> Result<()> {
+        put_bytes(
+            self.storage(),
+            &keys::backup_meta(&b.label, crate::backup::BACKUP_INI),
+            meta::backup_ini(b).as_bytes(),
+        )
+        .with_context(|| format!("writing backup.ini of backup {}", b.label))
     }
 }
 

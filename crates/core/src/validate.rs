@@ -15,14 +15,14 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use pgkeep_catalog::{meta, BackupRecord, BackupStatus, Catalog, FileKind, FileRecord, WalRecord};
 use pgkeep_pg::{Lsn, TimelineId, WalFileName, WalSegSize};
-use pgkeep_repo::{fetch_decompressed, get_bytes, keys, put_bytes, StorageError};
+use pgkeep_repo::{fetch_decompressed, get_bytes, keys, StorageError};
 
 use crate::backup::{needed_segments, BACKUP_INI, BACKUP_LABEL, MANIFEST};
 use crate::config::Config;
 use crate::parallel;
 use crate::progress::Progress;
 use crate::repo::Repo;
-use crate::walchain::{read_history, WalChain, Window};
+use crate::walchain::{continuous_from, read_history, Span, WalChain, Window};
 
 /// What to validate.
 #[derive(Clone, Debug, Default)]
@@ -41,6 +41,8 @@ pub struct ValidateReport {
     pub wal: WalReport,
     /// RUNNING backups whose process was gone, now ERROR.
     pub interrupted: Vec<String>,
+    /// The gap-free span of points the backups found intact restore to.
+    pub span: Option<Span>,
     /// Original (decompressed) bytes read.
     pub bytes_read: u64,
     pub elapsed: Duration,
@@ -130,7 +132,7 @@ pub fn validate(
     let interrupted = crate::backup::mark_interrupted(&repo.catalog, false)?;
     for label in &interrupted {
         if let Some(b) = repo.catalog.backup(label)? {
-            write_backup_ini(&repo, &b)?;
+            repo.write_backup_ini(&b)?;
         }
     }
     let all = repo.catalog.backups()?;
@@ -188,7 +190,10 @@ pub fn validate(
         .unwrap_or_else(|| cfg.backup.effective_jobs())
         .max(1);
     let verdicts = checks.run(&repo, jobs, progress)?;
-    let (chain, mut wal_report, damaged) = assess_archive(&repo, seg, &archive, &verdicts);
+    let (mut chain, mut wal_report, damaged) = assess_archive(&repo, seg, &archive, &verdicts);
+    if let Some(floor) = continuous_from(&all, seg) {
+        chain.set_floor(floor);
+    }
     if opts.label.is_some() {
         wal_report.notes.clear();
     }
@@ -216,7 +221,7 @@ pub fn validate(
             BackupStatus::Corrupt
         };
         let record = record_status(&repo.catalog, b, status, &problems)?;
-        write_backup_ini(&repo, &record)?;
+        repo.write_backup_ini(&record)?;
         if let Some(k) = known.get_mut(&b.label) {
             k.status = status;
         }
@@ -240,10 +245,21 @@ pub fn validate(
         &damaged,
         opts.label.is_some(),
     );
+    let now: Vec<BackupRecord> = all
+        .iter()
+        .map(|b| {
+            let mut b = b.clone();
+            if let Some(k) = known.get(&b.label) {
+                b.status = k.status;
+            }
+            b
+        })
+        .collect();
     Ok(ValidateReport {
         backups: reports,
         wal: wal_report,
         interrupted,
+        span: chain.span(now.iter()),
         bytes_read: checks.bytes_read(&verdicts),
         elapsed: started.elapsed(),
     })
@@ -747,17 +763,6 @@ fn record_status(
         return Ok(b.clone());
     }
     Ok(catalog.set_status(&b.label, status, error.as_deref())?)
-}
-
-/// Rewrite the backup's `backup.ini` from its record, so the repository alone says what the
-/// catalog says.
-fn write_backup_ini(repo: &Repo, b: &BackupRecord) -> Result<()> {
-    put_bytes(
-        repo.storage(),
-        &keys::backup_meta(&b.label, BACKUP_INI),
-        meta::backup_ini(b).as_bytes(),
-    )
-    .with_context(|| format!("writing backup.ini of backup {}", b.label))
 }
 
 #[cfg(test)]
