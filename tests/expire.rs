@@ -300,8 +300,7 @@ fn a_window_keeps_the_full_that_reaches_its_start_and_a_pinned_backup_survives_a
         ),
         pinned_rows
     );
-    // Unpinned, it goes at the next expire (still on the old timeline's history? irrelevant:
-    // the window alone decides now).
+    // Unpinned, it goes at the next expire: the window alone decides now.
     c.pgkeep_ok(&["unpin", &label(&pinned)]);
     c.pgkeep_ok(&["expire"]);
     assert!(!labels(&c).contains(&label(&pinned)));
