@@ -19,11 +19,12 @@ mod text;
 
 pub use error::{CatalogError, Result};
 pub use model::{
-    BackupRecord, BackupStatus, BackupType, FileKind, FileRecord, RepoIdentity, WalInsert, WalKind,
-    WalRecord,
+    BackupRecord, BackupStatus, BackupType, FileKind, FileRecord, Pin, RepoIdentity, WalInsert,
+    WalKind, WalRecord,
 };
 pub use schema::SCHEMA_VERSION;
 pub use store::Catalog;
+pub use text::{parse_pin, pin_text};
 
 /// A WAL position, from the PostgreSQL-formats crate.
 pub use pgkeep_pg::Lsn;

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crate::text::{escape, parse_time, time_text, unescape, NULL};
+use crate::text::{escape, parse_pin, parse_time, pin_text, time_text, unescape, NULL};
 use crate::{BackupRecord, CatalogError, FileRecord, Result};
 
 /// Name of the backup description file in a backup's repository directory.
@@ -21,7 +21,7 @@ pub const MANIFEST_FILE: &str = "manifest";
 const INI_HEADER: &str = "# pgkeep backup metadata, format 1";
 
 /// Keys of `backup.ini` in the order they are written.
-const INI_KEYS: [&str; 24] = [
+const INI_KEYS: [&str; 25] = [
     "LABEL",
     "BACKUP_TYPE",
     "STATUS",
@@ -46,6 +46,7 @@ const INI_KEYS: [&str; 24] = [
     "PAGE_CHECKSUM_FAILURES",
     "ERROR",
     "FROM_STANDBY",
+    "PINNED",
 ];
 
 /// `backup.ini`: a comment line, then one `KEY=VALUE` line per [`BackupRecord`] field in a fixed
@@ -54,10 +55,12 @@ const INI_KEYS: [&str; 24] = [
 /// (`backup_type` is `BACKUP_TYPE`). Absent optional values are written empty (`PARENT=`), so an
 /// optional text field that is `Some("")` reads back as None. Numbers are decimal, LSNs `X/X`,
 /// times RFC 3339 UTC with microseconds, `DATA_CHECKSUMS` and `FROM_STANDBY` are `true` or
-/// `false` (a missing `FROM_STANDBY` reads as `false`).
+/// `false` (a missing `FROM_STANDBY` reads as `false`). `PINNED` (`forever` or the time the pin
+/// ends) is written only for a pinned backup, so the `backup.ini` of every other backup stays
+/// readable by a pgkeep that predates pins.
 pub fn backup_ini(b: &BackupRecord) -> String {
     let opt = |v: &Option<String>| v.as_deref().map(escape).unwrap_or_default();
-    let values: [String; 24] = [
+    let values: [String; 25] = [
         escape(&b.label),
         b.backup_type.to_string(),
         b.status.to_string(),
@@ -82,11 +85,15 @@ pub fn backup_ini(b: &BackupRecord) -> String {
         b.page_checksum_failures.to_string(),
         opt(&b.error),
         b.from_standby.to_string(),
+        b.pinned.as_ref().map(pin_text).unwrap_or_default(),
     ];
     let mut out = String::with_capacity(1024);
     out.push_str(INI_HEADER);
     out.push('\n');
     for (key, value) in INI_KEYS.iter().zip(values) {
+        if *key == "PINNED" && value.is_empty() {
+            continue;
+        }
         out.push_str(key);
         out.push('=');
         out.push_str(&value);
@@ -136,6 +143,7 @@ pub fn parse_backup_ini(text: &str) -> Result<BackupRecord> {
         from_standby: ini
             .opt_parsed("FROM_STANDBY", "true or false", |s| s.parse().ok())?
             .unwrap_or(false),
+        pinned: ini.opt_parsed("PINNED", "forever or an RFC 3339 time", parse_pin)?,
     })
 }
 

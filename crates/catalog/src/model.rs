@@ -50,6 +50,25 @@ pub enum BackupStatus {
     Deleting,
 }
 
+/// How long a pinned backup is kept whatever the retention policy says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pin {
+    /// Until `pgkeep unpin`.
+    Forever,
+    /// Until this time has passed; from then on the policy alone decides.
+    Until(DateTime<Utc>),
+}
+
+impl Pin {
+    /// Whether the pin still holds at `now`.
+    pub fn holds_at(self, now: DateTime<Utc>) -> bool {
+        match self {
+            Pin::Forever => true,
+            Pin::Until(t) => now < t,
+        }
+    }
+}
+
 /// Kind of file-system entry in a backup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {
@@ -216,6 +235,15 @@ pub struct BackupRecord {
     pub error: Option<String>,
     /// Whether the backup was copied from a standby (its primary switched WAL for it).
     pub from_standby: bool,
+    /// Set by `pgkeep pin`: retention never removes the backup while the pin holds.
+    pub pinned: Option<Pin>,
+}
+
+impl BackupRecord {
+    /// Whether the backup is pinned at `now`.
+    pub fn pinned_at(&self, now: DateTime<Utc>) -> bool {
+        self.pinned.is_some_and(|p| p.holds_at(now))
+    }
 }
 
 /// One entry of a backup: a file, a directory or a symbolic link.

@@ -18,7 +18,7 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 pub(crate) const APPLICATION_ID: i32 = 0x5047_4B50;
 
 /// SQL that takes the schema from version `i` to `i + 1`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 const V1: &str = "
 CREATE TABLE repo_identity (
@@ -97,4 +97,11 @@ CREATE INDEX wal_timeline_segno ON wal (timeline, segno);
 const V2: &str = "
 ALTER TABLE backup ADD COLUMN from_standby INTEGER NOT NULL DEFAULT 0
     CHECK (from_standby IN (0, 1));
+";
+
+/// Pinned backups (`pgkeep pin`): NULL when not pinned, `forever`, or the RFC 3339 UTC time the
+/// pin ends.
+const V3: &str = "
+ALTER TABLE backup ADD COLUMN pinned TEXT
+    CHECK (pinned IS NULL OR pinned = 'forever' OR pinned GLOB '[0-9][0-9][0-9][0-9]-*');
 ";

@@ -14,10 +14,10 @@ use rusqlite::{
 };
 
 use crate::schema::{APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION};
-use crate::text::{parse_time, time_text};
+use crate::text::{parse_pin, parse_time, pin_text, time_text};
 use crate::{
-    BackupRecord, BackupStatus, CatalogError, FileRecord, Lsn, RepoIdentity, Result, WalInsert,
-    WalRecord,
+    BackupRecord, BackupStatus, CatalogError, FileRecord, Lsn, Pin, RepoIdentity, Result,
+    WalInsert, WalRecord,
 };
 
 /// An open catalog: one SQLite connection to the repository's catalog file.
@@ -51,7 +51,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 const BACKUP_COLUMNS: &str = "label, backup_type, status, parent, timeline, start_lsn, stop_lsn, \
      start_wal, stop_wal, start_time, end_time, recovery_time, data_bytes, stored_bytes, files, \
      pg_version_num, system_identifier, block_size, data_checksums, pid, hostname, \
-     page_checksum_failures, error, from_standby";
+     page_checksum_failures, error, from_standby, pinned";
 
 const FILE_COLUMNS: &str = "path, kind, size, mode, uid, gid, mtime, link_target, crc32c, sha256, \
      stored_size, stored_in, n_blocks, page_delta";
@@ -127,8 +127,9 @@ impl Catalog {
         self.with_db(|db| db.insert_backup(b))
     }
 
-    /// Rewrites every field of a recorded backup but its status (which only
-    /// [`Catalog::set_status`] changes); an error if the backup is not recorded.
+    /// Rewrites every field of a recorded backup but its status and pin (which only
+    /// [`Catalog::set_status`] and [`Catalog::set_pin`] change); an error if the backup is not
+    /// recorded.
     pub fn update_backup(&self, b: &BackupRecord) -> Result<()> {
         self.with_db(|db| db.update_backup(b))
     }
@@ -143,6 +144,12 @@ impl Catalog {
         error: Option<&str>,
     ) -> Result<BackupRecord> {
         self.with_db(|db| db.set_status(label, next, error))
+    }
+
+    /// Pins a backup (`Some`) or unpins it (`None`); an error if it is not recorded. Returns the
+    /// updated record.
+    pub fn set_pin(&self, label: &str, pin: Option<Pin>) -> Result<BackupRecord> {
+        self.with_db(|db| db.set_pin(label, pin))
     }
 
     /// The backup with this label, if recorded.
@@ -191,6 +198,12 @@ impl Catalog {
     /// Forgets an archived WAL file; an error if it is not recorded.
     pub fn delete_wal(&self, name: &str) -> Result<()> {
         self.with_db(|db| db.delete_wal(name))
+    }
+
+    /// Forgets the archived WAL files named, in one transaction; names not recorded are
+    /// skipped. Returns how many rows went.
+    pub fn delete_wal_files(&self, names: &[String]) -> Result<usize> {
+        self.with_db(|db| db.delete_wal_files(names))
     }
 
     /// Replaces every backup, file and WAL row, in one transaction; the identity stays. Used by
@@ -342,7 +355,8 @@ impl Db<'_> {
                  files = ?15, pg_version_num = ?16, system_identifier = ?17, block_size = ?18, \
                  data_checksums = ?19, pid = ?20, hostname = ?21, page_checksum_failures = ?22, \
                  error = ?23, from_standby = ?24 WHERE label = ?1",
-                params_from_iter(values),
+                // Every column but `pinned`, the last.
+                params_from_iter(values.into_iter().take(24)),
             )
             .map_err(|e| self.fail(e, format!("updating backup {}", b.label)))?;
         if changed == 0 {
@@ -375,6 +389,20 @@ impl Db<'_> {
         self.commit(tx)?;
         b.status = next;
         b.error = error.map(str::to_string);
+        Ok(b)
+    }
+
+    fn set_pin(&self, label: &str, pin: Option<Pin>) -> Result<BackupRecord> {
+        let tx = self.write_tx()?;
+        let mut b = self.load_backup(label)?.ok_or_else(|| not_found(label))?;
+        self.conn
+            .execute(
+                "UPDATE backup SET pinned = ?2 WHERE label = ?1",
+                params![label, pin.as_ref().map(pin_text)],
+            )
+            .map_err(|e| self.fail(e, format!("pinning backup {label}")))?;
+        self.commit(tx)?;
+        b.pinned = pin;
         Ok(b)
     }
 
@@ -491,6 +519,22 @@ impl Db<'_> {
         Ok(())
     }
 
+    fn delete_wal_files(&self, names: &[String]) -> Result<usize> {
+        let tx = self.write_tx()?;
+        let fail = |e| self.fail(e, "deleting wal files".into());
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM wal WHERE name = ?1")
+            .map_err(fail)?;
+        let mut n = 0;
+        for name in names {
+            n += stmt.execute([name]).map_err(fail)?;
+        }
+        drop(stmt);
+        self.commit(tx)?;
+        Ok(n)
+    }
+
     fn replace_all(
         &self,
         backups: &[(BackupRecord, Vec<FileRecord>)],
@@ -583,7 +627,7 @@ impl Db<'_> {
             .execute(
                 &format!(
                     "INSERT INTO backup ({BACKUP_COLUMNS}) VALUES ({})",
-                    placeholders(24)
+                    placeholders(25)
                 ),
                 params_from_iter(backup_values(b)),
             )
@@ -808,7 +852,7 @@ fn placeholders(n: usize) -> String {
 }
 
 /// Parameters ?1..?24 in [`BACKUP_COLUMNS`] order.
-fn backup_values(b: &BackupRecord) -> [Value; 24] {
+fn backup_values(b: &BackupRecord) -> [Value; 25] {
     [
         b.label.clone().into(),
         b.backup_type.as_str().to_string().into(),
@@ -834,6 +878,7 @@ fn backup_values(b: &BackupRecord) -> [Value; 24] {
         (b.page_checksum_failures as i64).into(),
         b.error.clone().into(),
         b.from_standby.into(),
+        b.pinned.as_ref().map(pin_text).into(),
     ]
 }
 
@@ -863,6 +908,7 @@ fn backup_from_row(row: &Row<'_>) -> rusqlite::Result<BackupRecord> {
         page_checksum_failures: u64_col(row, 21)?,
         error: row.get(22)?,
         from_standby: row.get(23)?,
+        pinned: opt_parsed_col(row, 24, parse_pin)?,
     })
 }
 

@@ -2,6 +2,8 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
+use crate::Pin;
+
 /// RFC 3339 in UTC with microseconds, e.g. `2026-11-21T10:15:00.123456Z`. Fixed width for years
 /// 0000-9999, so the text sorts like the time.
 pub(crate) fn time_text(t: &DateTime<Utc>) -> String {
@@ -14,6 +16,25 @@ pub(crate) fn parse_time(s: &str) -> Option<DateTime<Utc>> {
         .ok()
         .map(|t| t.with_timezone(&Utc))
 }
+
+/// The text of a pin: `forever`, or the time it ends as [`time_text`] writes it.
+pub fn pin_text(p: &Pin) -> String {
+    match p {
+        Pin::Forever => FOREVER.to_string(),
+        Pin::Until(t) => time_text(t),
+    }
+}
+
+/// Reverses [`pin_text`].
+pub fn parse_pin(s: &str) -> Option<Pin> {
+    if s == FOREVER {
+        Some(Pin::Forever)
+    } else {
+        parse_time(s).map(Pin::Until)
+    }
+}
+
+const FOREVER: &str = "forever";
 
 /// The text a missing optional value is written as in the manifest (as in PostgreSQL's COPY).
 /// `escape` never produces it, since it doubles every backslash.

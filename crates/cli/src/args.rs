@@ -67,6 +67,36 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
     },
+    /// Apply [retention]: remove the backups and archived WAL it does not keep (also runs after
+    /// every successful backup unless `auto = false`), and finish interrupted deletions.
+    Expire {
+        /// Only print what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete one backup and every backup that depends on it, newest first.
+    Delete {
+        label: String,
+        /// Also when the backup is pinned or the last one that restores to the newest point.
+        #[arg(long)]
+        force: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep a backup whatever [retention] says, with the WAL from its start to its stop.
+    Pin {
+        label: String,
+        /// Until this time (RFC 3339, "YYYY-MM-DD HH:MM:SS[+HH]" or "YYYY-MM-DD"; without an
+        /// offset, local time) [default: until `pgkeep unpin`].
+        #[arg(long, value_name = "DATE")]
+        until: Option<String>,
+    },
+    /// Let [retention] decide about a pinned backup again.
+    Unpin { label: String },
     /// Catalog maintenance.
     Catalog {
         #[command(subcommand)]

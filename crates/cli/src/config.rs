@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use pgkeep_core::config::{
-    ArchiveConfig, BackupConfig, Config, PgConfig, PrimaryConfig, RepoConfig, RepoStorage,
-    S3Config,
+    ArchiveConfig, BackupConfig, Config, PgConfig, Policy, PrimaryConfig, RepoConfig,
+    RepoStorage, RetentionConfig, S3Config,
 };
 
 const DEFAULT_PATH: &str = "/etc/pgkeep/pgkeep.toml";
@@ -35,6 +35,8 @@ struct File {
     backup: BackupSection,
     #[serde(default)]
     archive: ArchiveSection,
+    #[serde(default)]
+    retention: RetentionSection,
 }
 
 #[derive(Deserialize, Debug)]
@@ -98,6 +100,15 @@ struct BackupSection {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct ArchiveSection {
     check_timeout: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RetentionSection {
+    full: Option<u32>,
+    window: Option<String>,
+    diff: Option<u32>,
+    auto: Option<bool>,
 }
 
 fn default_host() -> String {
@@ -196,6 +207,29 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             .check_timeout
             .map_or(ArchiveConfig::default().check_timeout, Duration::from_secs),
     };
+    let r = &file.retention;
+    let bad = |what: String| ConfigError(format!("config file {}: {what}", path.display()));
+    if r.full == Some(0) {
+        return Err(bad(
+            "[retention] full = 0 would remove every backup: set 1 or more, or leave it out".into(),
+        ));
+    }
+    let window = match &r.window {
+        None => None,
+        Some(w) => Some(parse_window(w).ok_or_else(|| {
+            bad(format!(
+                "[retention] window = {w:?} is not a duration: write a whole number and a unit, e.g. \"14d\", \"36h\", \"2w\" (units s, m, h, d, w)"
+            ))
+        })?),
+    };
+    let retention = RetentionConfig {
+        policy: Policy {
+            full: r.full,
+            window,
+            diff: r.diff,
+        },
+        auto: r.auto.unwrap_or(true),
+    };
     Ok(Config {
         config_path: path.to_path_buf(),
         repo,
@@ -214,6 +248,7 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         }),
         backup,
         archive,
+        retention,
     })
 }
 
@@ -342,6 +377,24 @@ fn check_endpoint(endpoint: &str) -> Result<(), String> {
     }
 }
 
+/// `14d`, `36h`, `90m`, `2w`, `30s`: a positive whole number and a unit.
+fn parse_window(text: &str) -> Option<chrono::TimeDelta> {
+    let text = text.trim();
+    let unit = text.chars().last()?;
+    let n: i64 = text[..text.len() - unit.len_utf8()].trim().parse().ok()?;
+    if n <= 0 {
+        return None;
+    }
+    match unit {
+        's' => chrono::TimeDelta::try_seconds(n),
+        'm' => chrono::TimeDelta::try_minutes(n),
+        'h' => chrono::TimeDelta::try_hours(n),
+        'd' => chrono::TimeDelta::try_days(n),
+        'w' => chrono::TimeDelta::try_weeks(n),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,6 +510,31 @@ data = "/d"
         let text = format!("{MINIMAL}[backup]\nstandby-max-lag = \"soon\"\n");
         let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
         assert!(err.contains("standby-max-lag"), "{err}");
+    }
+
+    #[test]
+    fn retention_keys_parse_and_bad_values_are_refused() {
+        let text = format!("{MINIMAL}[retention]\nfull = 2\nwindow = \"14d\"\ndiff = 3\n");
+        let r = parse(&text, Path::new("/x.toml")).unwrap().retention;
+        assert_eq!(r.policy.full, Some(2));
+        assert_eq!(r.policy.window, chrono::TimeDelta::try_days(14));
+        assert_eq!(r.policy.diff, Some(3));
+        assert!(r.auto);
+        let none = parse(MINIMAL, Path::new("/x.toml")).unwrap().retention;
+        assert!(!none.policy.is_set());
+        for (bad, needle) in [
+            ("full = 0", "full = 0"),
+            ("window = \"14\"", "window"),
+            ("window = \"-1d\"", "window"),
+            ("window = \"3y\"", "window"),
+            ("keep = 3", "keep"),
+        ] {
+            let text = format!("{MINIMAL}[retention]\n{bad}\n");
+            let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
+        assert_eq!(parse_window("36h"), chrono::TimeDelta::try_hours(36));
+        assert_eq!(parse_window("2w"), chrono::TimeDelta::try_weeks(2));
     }
 
     #[test]

@@ -180,6 +180,15 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
             let progress = progress::CliProgress::new();
             let s = pgkeep_core::backup::backup(&cfg, &opts, &progress)?;
             output::print_backup_summary(&s);
+            match &s.expired {
+                Some(Ok(report)) => output::print_retention_report(report),
+                Some(Err(e)) => eprintln!(
+                    "pgkeep: warning: expire after backup {} failed: {}: the backup is intact; run `pgkeep expire` once the cause is fixed",
+                    s.record.label,
+                    one_line(e)
+                ),
+                None => {}
+            }
         }
         Command::Restore(raw) => {
             let opts = options::restore_options(*raw)?;
@@ -188,11 +197,11 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
             output::print_restore_summary(&s, &opts);
         }
         Command::Show { label, json } => {
-            let backups = pgkeep_core::show::show(&cfg, label.as_deref())?;
+            let listing = pgkeep_core::show::show(&cfg, label.as_deref())?;
             if json {
-                println!("{}", pgkeep_core::show::backups_json(&backups));
+                println!("{}", pgkeep_core::show::backups_json(&listing));
             } else {
-                output::print_backups(&backups);
+                output::print_backups(&listing);
             }
         }
         Command::Validate { label, jobs } => {
@@ -207,6 +216,30 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::from(exit::FOUND_PROBLEMS));
             }
+        }
+        Command::Expire { dry_run, json } => {
+            let report = pgkeep_core::retention::expire(&cfg, dry_run)?;
+            output::print_retention(&report, json);
+        }
+        Command::Delete { label, force, json } => {
+            let report = pgkeep_core::retention::delete(&cfg, &label, force)?;
+            output::print_retention(&report, json);
+        }
+        Command::Pin { label, until } => {
+            let pin = match until {
+                Some(t) => pgkeep_core::show::Pin::Until(options::pin_until(&t)?),
+                None => pgkeep_core::show::Pin::Forever,
+            };
+            let b = pgkeep_core::retention::pin(&cfg, &label, Some(pin))?;
+            println!(
+                "backup {} pinned{}",
+                b.label,
+                pgkeep_core::retention::pin_text(b.pinned)
+            );
+        }
+        Command::Unpin { label } => {
+            let b = pgkeep_core::retention::pin(&cfg, &label, None)?;
+            println!("backup {} unpinned", b.label);
         }
         Command::Catalog {
             command: args::CatalogCommand::Rebuild,

@@ -18,7 +18,7 @@ fn usage(msg: String) -> ConfigError {
 
 pub fn restore_options(raw: RestoreArgs) -> Result<RestoreOptions, ConfigError> {
     let target = if let Some(ts) = raw.target_time {
-        RecoveryTarget::Time(parse_time(&ts)?)
+        RecoveryTarget::Time(parse_time(&ts, "--target-time")?)
     } else if let Some(lsn) = raw.target_lsn {
         RecoveryTarget::Lsn(lsn.parse::<Lsn>().map_err(|e| {
             usage(format!(
@@ -106,7 +106,8 @@ pub fn restore_options(raw: RestoreArgs) -> Result<RestoreOptions, ConfigError> 
 }
 
 /// RFC 3339, or PostgreSQL's "YYYY-MM-DD HH:MM:SS[.f][+HH[:MM]]"; no offset means local time.
-pub fn parse_time(s: &str) -> Result<DateTime<Utc>, ConfigError> {
+/// `flag` names the option in the error.
+pub fn parse_time(s: &str, flag: &str) -> Result<DateTime<Utc>, ConfigError> {
     let s = s.trim();
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
@@ -124,8 +125,16 @@ pub fn parse_time(s: &str) -> Result<DateTime<Utc>, ConfigError> {
         }
     }
     Err(usage(format!(
-        "--target-time {s:?} is not a timestamp: use e.g. \"2026-11-21 10:15:00+00\" or RFC 3339"
+        "{flag} {s:?} is not a timestamp: use e.g. \"2026-11-21 10:15:00+00\" or RFC 3339"
     )))
+}
+
+/// `pin --until`: a timestamp as [`parse_time`] reads it, or a bare date (its local midnight).
+pub fn pin_until(s: &str) -> Result<DateTime<Utc>, ConfigError> {
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d") {
+        return parse_time(&format!("{day} 00:00:00"), "--until");
+    }
+    parse_time(s, "--until")
 }
 
 #[cfg(test)]
@@ -134,16 +143,28 @@ mod tests {
 
     #[test]
     fn times_with_offsets_are_converted_to_utc() {
-        let t = parse_time("2026-11-21 10:15:00.5+02").unwrap();
+        let t = parse_time("2026-11-21 10:15:00.5+02", "--target-time").unwrap();
         assert_eq!(t.to_rfc3339(), "2026-11-21T08:15:00.500+00:00");
-        let t = parse_time("2026-11-21T10:15:00Z").unwrap();
+        let t = parse_time("2026-11-21T10:15:00Z", "--target-time").unwrap();
         assert_eq!(t.to_rfc3339(), "2026-11-21T10:15:00+00:00");
-        let t = parse_time("2026-11-21 10:15:00+05:30").unwrap();
+        let t = parse_time("2026-11-21 10:15:00+05:30", "--target-time").unwrap();
         assert_eq!(t.to_rfc3339(), "2026-11-21T04:45:00+00:00");
     }
 
     #[test]
     fn garbage_time_is_refused() {
-        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("yesterday", "--target-time").is_err());
+        let e = pin_until("next week").unwrap_err().0;
+        assert!(e.starts_with("--until \"next week\""), "{e}");
+    }
+
+    #[test]
+    fn pin_until_takes_a_bare_date() {
+        let day = pin_until("2030-01-02").unwrap();
+        assert_eq!(day, parse_time("2030-01-02 00:00:00", "--until").unwrap());
+        assert_eq!(
+            pin_until("2030-01-02T03:04:05Z").unwrap().to_rfc3339(),
+            "2030-01-02T03:04:05+00:00"
+        );
     }
 }

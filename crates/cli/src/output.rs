@@ -4,11 +4,13 @@
 use pgkeep_core::backup::BackupSummary;
 use pgkeep_core::rebuild::RebuildReport;
 use pgkeep_core::restore::{RecoveryTarget, RestoreOptions, RestoreSummary};
-use pgkeep_core::show::{Shown, Window};
+use pgkeep_core::retention::{pin_text, RetentionReport, Why};
+use pgkeep_core::show::{Listing, Shown, Span, Window};
 use pgkeep_core::validate::{Cut, ValidateReport};
 
-/// A pg_rman-like table of backups, oldest first.
-pub fn print_backups(backups: &[Shown]) {
+/// A pg_rman-like table of backups, oldest first, then the span they restore to.
+pub fn print_backups(listing: &Listing) {
+    let backups = &listing.backups;
     println!(
         "{:<18} {:<4} {:<8} {:<7} {:<20} {:>10} {:>10} {:>3} {:<19} {:<19} {:<18} RESTORABLE UNTIL",
         "LABEL",
@@ -46,7 +48,70 @@ pub fn print_backups(backups: &[Shown]) {
             b.parent.as_deref().unwrap_or("-"),
             until,
         );
+        if b.pinned_at(chrono::Utc::now()) {
+            println!("  pinned{}", pin_text(b.pinned));
+        }
     }
+    println!("{}", span_text(listing.span.as_ref()));
+}
+
+/// `restorable: any point from T (backup L) to LSN on timeline N`.
+fn span_text(span: Option<&Span>) -> String {
+    match span {
+        None => "restorable: nothing (no DONE or OK backup with its WAL)".to_string(),
+        Some(s) => format!(
+            "restorable: any point from {} (backup {}) to {} on timeline {}",
+            s.from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            s.from_label,
+            s.until,
+            s.timeline
+        ),
+    }
+}
+
+/// What `expire` or `delete` removed (or would), as lines or as JSON.
+pub fn print_retention(r: &RetentionReport, json: bool) {
+    if json {
+        println!("{}", pgkeep_core::retention::report_json(r));
+    } else {
+        print_retention_report(r);
+    }
+}
+
+/// One line per backup removed, one for the WAL, then the span left.
+pub fn print_retention_report(r: &RetentionReport) {
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    for d in &r.plan.backups {
+        let why = match &d.why {
+            Why::Unfinished => "its deletion was interrupted".to_string(),
+            Why::Failed => "it failed (ERROR)".to_string(),
+            Why::Policy => "[retention] does not keep it".to_string(),
+            Why::Asked => "asked for".to_string(),
+            Why::DependsOn(l) => format!("it depends on {l}"),
+        };
+        println!(
+            "{verb} backup {} ({}, {}, {}): {why}",
+            d.label,
+            d.backup_type,
+            d.status,
+            human_bytes(d.stored_bytes)
+        );
+    }
+    let p = &r.plan;
+    match (p.wal.first(), p.wal.last()) {
+        (Some(first), Some(last)) => println!(
+            "{verb} {} archived WAL file(s), {} to {} ({})",
+            p.wal.len(),
+            first,
+            last,
+            human_bytes(p.wal_bytes)
+        ),
+        _ => println!("{verb} no archived WAL"),
+    }
+    if p.backups.is_empty() && p.wal.is_empty() {
+        println!("nothing to remove");
+    }
+    println!("{}", span_text(r.remaining.as_ref()));
 }
 
 /// `0/9000000`, then `tli 2: 0/B000000` for each timeline the backup can follow beyond its own.
@@ -117,6 +182,7 @@ pub fn print_validate_report(r: &ValidateReport) {
     for note in &w.notes {
         println!("  note: {note}");
     }
+    println!("{}", span_text(r.span.as_ref()));
     let secs = r.elapsed.as_secs_f64();
     println!(
         "validated {} backup(s) and {} WAL file(s): {} read in {:.1} s ({:.0} MB/s); {} problem(s)",

@@ -62,6 +62,9 @@ pub struct BackupSummary {
     pub record: BackupRecord,
     pub elapsed: Duration,
     pub page_failures: Vec<PageFailure>,
+    /// What the automatic `expire` after the backup removed, or why it failed (the backup
+    /// stays DONE either way); None when `[retention]` sets no policy or `auto = false`.
+    pub expired: Option<std::result::Result<crate::retention::RetentionReport, String>>,
 }
 
 /// Name of the per-backup metadata files in the repository.
@@ -120,6 +123,7 @@ pub fn backup(
         page_checksum_failures: 0,
         error: None,
         from_standby: primary.is_some(),
+        pinned: None,
     };
     repo.catalog.insert_backup(&record)?;
     let jobs = opts
@@ -137,11 +141,19 @@ pub fn backup(
         jobs,
         progress,
     ) {
-        Ok(page_failures) => Ok(BackupSummary {
-            record,
-            elapsed: started.elapsed(),
-            page_failures,
-        }),
+        Ok(page_failures) => {
+            let elapsed = started.elapsed();
+            // Still under the backup lock, so nothing can start between the two.
+            let expired = (cfg.retention.auto && cfg.retention.policy.is_set()).then(|| {
+                crate::retention::expire_locked(cfg, &repo, false).map_err(|e| format!("{e:#}"))
+            });
+            Ok(BackupSummary {
+                record,
+                elapsed,
+                page_failures,
+                expired,
+            })
+        }
         Err(e) => {
             let message = format!("{e:#}");
             if let Ok(r) = repo

@@ -18,6 +18,34 @@ pub struct Config {
     pub primary: Option<PrimaryConfig>,
     pub backup: BackupConfig,
     pub archive: ArchiveConfig,
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: what `expire` keeps. No policy set keeps everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetentionConfig {
+    pub policy: Policy,
+    /// Expire after every successful backup when a policy is set.
+    pub auto: bool,
+}
+
+/// What retention keeps; any combination, each keeping what it names (a backup goes only when
+/// no part keeps it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Keep the newest N restorable full backups and everything that depends on them (N >= 1).
+    pub full: Option<u32>,
+    /// Keep whatever restores to any point of the last `window`.
+    pub window: Option<chrono::TimeDelta>,
+    /// Keep only the newest N diff backups (with their incrs) inside the kept fulls.
+    pub diff: Option<u32>,
+}
+
+impl Policy {
+    /// Whether any part of the policy is set.
+    pub fn is_set(&self) -> bool {
+        self.full.is_some() || self.window.is_some() || self.diff.is_some()
+    }
 }
 
 /// Where the repository's objects live and where its local catalog is.

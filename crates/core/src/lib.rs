@@ -1,4 +1,5 @@
-//! pgkeep's commands: init, show, archive-push/get, check, backup, restore, validate.
+//! pgkeep's commands: init, show, archive-push/get, check, backup, restore, validate, and
+//! retention (expire, delete, pin).
 //!
 //! Each command is a function taking validated options (a [`Config`] plus a per-command options
 //! struct) and returning a value the CLI prints. This crate talks to PostgreSQL (the `postgres`
@@ -20,6 +21,7 @@ pub mod progress;
 pub mod rebuild;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 pub mod show;
 pub mod standby;
 pub mod status;

@@ -195,6 +195,13 @@ fn read_backups(
                 "the status changes of backup {label} cannot be read ({e:#}): indexed with the status of its backup.ini"
             )),
         }
+        match crate::status::latest_pin(storage, &label, &listed) {
+            Ok(Some(pin)) => record.pinned = pin,
+            Ok(None) => {}
+            Err(e) => warnings.push(format!(
+                "the pin changes of backup {label} cannot be read ({e:#}): indexed with the pin of its backup.ini"
+            )),
+        }
         if record.status == BackupStatus::Running {
             // The backup lock is held: nothing is running.
             record.status = BackupStatus::Error;

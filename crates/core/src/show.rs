@@ -2,13 +2,13 @@
 //! the `show --json` document.
 
 use anyhow::Result;
-pub use pgkeep_catalog::BackupRecord;
+pub use pgkeep_catalog::{BackupRecord, Pin};
 use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::repo::Repo;
 use crate::walchain::WalChain;
-pub use crate::walchain::Window;
+pub use crate::walchain::{Span, Window};
 
 /// A backup as `show` lists it.
 #[derive(Clone, Debug)]
@@ -19,15 +19,24 @@ pub struct Shown {
     pub windows: Vec<Window>,
 }
 
+/// What `show` prints: the backups and the span of points they restore to.
+#[derive(Clone, Debug)]
+pub struct Listing {
+    pub backups: Vec<Shown>,
+    /// The gap-free span every DONE or OK backup of the repository restores to (whatever
+    /// `label` asked for).
+    pub span: Option<Span>,
+}
+
 /// Backups oldest first, optionally only the one with `label` (an unknown label is an error).
-pub fn show(cfg: &Config, label: Option<&str>) -> Result<Vec<Shown>> {
+pub fn show(cfg: &Config, label: Option<&str>) -> Result<Listing> {
     let repo = Repo::open(cfg)?;
     crate::backup::mark_interrupted(&repo.catalog, false)?;
-    let backups = repo.catalog.backups()?;
+    let all = repo.catalog.backups()?;
     let backups = match label {
-        None => backups,
+        None => all.clone(),
         Some(l) => {
-            let found: Vec<_> = backups.into_iter().filter(|b| b.label == l).collect();
+            let found: Vec<_> = all.iter().filter(|b| b.label == l).cloned().collect();
             if found.is_empty() {
                 anyhow::bail!("backup {l} not found: `pgkeep show` lists the backups");
             }
@@ -35,13 +44,16 @@ pub fn show(cfg: &Config, label: Option<&str>) -> Result<Vec<Shown>> {
         }
     };
     let chain = WalChain::from_repo(&repo)?;
-    Ok(backups
-        .into_iter()
-        .map(|record| Shown {
-            windows: restorable_windows(&chain, &record),
-            record,
-        })
-        .collect())
+    Ok(Listing {
+        span: chain.span(all.iter()),
+        backups: backups
+            .into_iter()
+            .map(|record| Shown {
+                windows: restorable_windows(&chain, &record),
+                record,
+            })
+            .collect(),
+    })
 }
 
 /// The windows of a backup restore may use; none for the others.
@@ -53,9 +65,30 @@ pub fn restorable_windows(chain: &WalChain, b: &BackupRecord) -> Vec<Window> {
     }
 }
 
-/// The `show --json` document: `{"backups": [...]}`, field names fixed by the CLI contract.
-pub fn backups_json(backups: &[Shown]) -> Value {
-    json!({ "backups": backups.iter().map(backup_json).collect::<Vec<_>>() })
+/// The `show --json` document: `{"backups": [...], "restorable": {...}}`, field names fixed by
+/// the CLI contract.
+pub fn backups_json(listing: &Listing) -> Value {
+    json!({
+        "backups": listing.backups.iter().map(backup_json).collect::<Vec<_>>(),
+        "restorable": span_json(listing.span.as_ref()),
+    })
+}
+
+/// `{"from": time, "from_backup": label, "timeline": n, "until": "X/X"}` or null.
+pub fn span_json(span: Option<&Span>) -> Value {
+    match span {
+        None => Value::Null,
+        Some(s) => json!({
+            "from": rfc3339(s.from),
+            "from_backup": s.from_label,
+            "timeline": s.timeline.0,
+            "until": s.until.to_string(),
+        }),
+    }
+}
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 fn backup_json(shown: &Shown) -> Value {
@@ -80,8 +113,11 @@ fn backup_json(shown: &Shown) -> Value {
 }
 
 fn record_json(b: &BackupRecord) -> Value {
-    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
-        t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(rfc3339);
+    let pinned_until = match b.pinned {
+        Some(Pin::Until(t)) => json!(rfc3339(t)),
+        Some(Pin::Forever) => json!("forever"),
+        None => Value::Null,
     };
     json!({
         "label": b.label,
@@ -106,5 +142,7 @@ fn record_json(b: &BackupRecord) -> Value {
         "page_checksum_failures": b.page_checksum_failures,
         "from_standby": b.from_standby,
         "error": b.error,
+        "pinned": b.pinned_at(chrono::Utc::now()),
+        "pinned_until": pinned_until,
     })
 }

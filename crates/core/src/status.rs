@@ -7,7 +7,7 @@
 //! only ever created), and `catalog rebuild` reads the newest status object over `backup.ini`.
 
 use anyhow::{Context, Result};
-use pgkeep_catalog::{meta, BackupRecord, BackupStatus};
+use pgkeep_catalog::{meta, parse_pin, pin_text, BackupRecord, BackupStatus, Pin};
 use pgkeep_repo::{get_bytes, keys, put_bytes, Storage, StorageError};
 
 use crate::backup::BACKUP_INI;
@@ -58,6 +58,57 @@ pub fn latest_status(
         .with_context(|| format!("status object {key}"))?;
     let text = String::from_utf8_lossy(&get_bytes(storage, key)?).into_owned();
     Ok(Some((status, (!text.is_empty()).then_some(text))))
+}
+
+/// Record a pin change of backup `b` (its `pinned` field; `None` = unpinned) as a new object
+/// after the newest pin object, never rewriting one.
+pub fn store_pin(storage: &dyn Storage, b: &BackupRecord) -> Result<()> {
+    let context = || format!("recording the pin of backup {}", b.label);
+    let listed = storage
+        .list(&keys::backup_pin_prefix(&b.label))
+        .with_context(context)?;
+    let mut seq = listed
+        .iter()
+        .filter_map(|k| keys::backup_pin_from_key(k).map(|(_, seq)| seq))
+        .max()
+        .map_or(1, |seq| seq + 1);
+    let text = b.pinned.as_ref().map_or_else(|| "none".to_string(), pin_text);
+    loop {
+        let key = keys::backup_pin(&b.label, seq);
+        let mut object = storage.create(&key).with_context(context)?;
+        std::io::Write::write_all(&mut object, text.as_bytes())
+            .map_err(|e| StorageError::Io { key, source: e })
+            .with_context(context)?;
+        match object.commit_new() {
+            Ok(()) => return Ok(()),
+            Err(StorageError::AlreadyExists { .. }) => seq += 1,
+            Err(e) => return Err(e).with_context(context),
+        }
+    }
+}
+
+/// The pin the newest pin object of backup `label` among `listed` keys records: `None` when
+/// there is no pin object (the `backup.ini` says), `Some(None)` when it was unpinned.
+pub fn latest_pin(
+    storage: &dyn Storage,
+    label: &str,
+    listed: &[String],
+) -> Result<Option<Option<Pin>>> {
+    let newest = listed
+        .iter()
+        .filter_map(|k| keys::backup_pin_from_key(k).map(|(l, seq)| (l, seq, k)))
+        .filter(|(l, ..)| *l == label)
+        .max_by_key(|(_, seq, _)| *seq);
+    let Some((_, _, key)) = newest else {
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(&get_bytes(storage, key)?).into_owned();
+    match text.trim() {
+        "none" => Ok(Some(None)),
+        t => parse_pin(t)
+            .map(|p| Some(Some(p)))
+            .ok_or_else(|| anyhow::anyhow!("pin object {key} holds {t:?}, not forever, a time or none")),
+    }
 }
 
 /// The sequence number and key of the newest status object of backup `label`.

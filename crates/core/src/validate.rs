@@ -23,7 +23,7 @@ use crate::parallel;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::status::store_status;
-use crate::walchain::{read_history, WalChain, Window};
+use crate::walchain::{continuous_from, read_history, Span, WalChain, Window};
 
 /// What to validate.
 #[derive(Clone, Debug, Default)]
@@ -42,6 +42,8 @@ pub struct ValidateReport {
     pub wal: WalReport,
     /// RUNNING backups whose process was gone, now ERROR.
     pub interrupted: Vec<String>,
+    /// The gap-free span of points the backups found intact restore to.
+    pub span: Option<Span>,
     /// Original (decompressed) bytes read.
     pub bytes_read: u64,
     pub elapsed: Duration,
@@ -189,7 +191,10 @@ pub fn validate(
         .unwrap_or_else(|| cfg.backup.effective_jobs())
         .max(1);
     let verdicts = checks.run(&repo, jobs, progress)?;
-    let (chain, mut wal_report, damaged) = assess_archive(&repo, seg, &archive, &verdicts);
+    let (mut chain, mut wal_report, damaged) = assess_archive(&repo, seg, &archive, &verdicts);
+    if let Some(floor) = continuous_from(&all, seg) {
+        chain.set_floor(floor);
+    }
     if opts.label.is_some() {
         wal_report.notes.clear();
     }
@@ -244,10 +249,21 @@ pub fn validate(
         &damaged,
         opts.label.is_some(),
     );
+    let now: Vec<BackupRecord> = all
+        .iter()
+        .map(|b| {
+            let mut b = b.clone();
+            if let Some(k) = known.get(&b.label) {
+                b.status = k.status;
+            }
+            b
+        })
+        .collect();
     Ok(ValidateReport {
         backups: reports,
         wal: wal_report,
         interrupted,
+        span: chain.span(now.iter()),
         bytes_read: checks.bytes_read(&verdicts),
         elapsed: started.elapsed(),
     })

@@ -27,6 +27,22 @@ pub struct WalChain {
     segments: BTreeMap<TimelineId, BTreeSet<u64>>,
     /// Effective direct parent and switch point of each timeline with a known history file.
     branches: BTreeMap<TimelineId, HistoryEntry>,
+    /// Segments before this one are not expected to be continuous (see [`WalChain::set_floor`]).
+    floor: u64,
+}
+
+/// The points recovery can reach from the backups given, without a gap: from the earliest
+/// `recovery_time` of a backup whose WAL runs unbroken to the newest restorable point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// Earliest time recovery can stop at.
+    pub from: chrono::DateTime<chrono::Utc>,
+    /// The backup that time comes from.
+    pub from_label: String,
+    /// The timeline of the newest point.
+    pub timeline: TimelineId,
+    /// First LSN past the restorable WAL.
+    pub until: Lsn,
 }
 
 /// Missing segments `first..=last` of one timeline, between segments the archive holds or
@@ -56,6 +72,7 @@ impl WalChain {
             seg,
             segments: BTreeMap::new(),
             branches: BTreeMap::new(),
+            floor: 0,
         }
     }
 
@@ -109,6 +126,70 @@ impl WalChain {
         }
     }
 
+    pub fn remove_segment(&mut self, tli: TimelineId, segno: u64) {
+        if let Some(s) = self.segments.get_mut(&tli) {
+            s.remove(&segno);
+        }
+    }
+
+    /// Segments before `segno` are not expected to be continuous: retention removed them but
+    /// for a pinned backup's own, so holes there are not gaps.
+    pub fn set_floor(&mut self, segno: u64) {
+        self.floor = segno;
+    }
+
+    /// `tli` and the timelines it descends from, `tli` first, as far as history files say.
+    pub fn lineage(&self, tli: TimelineId) -> Vec<TimelineId> {
+        let mut out = vec![tli];
+        while let Some(b) = self.branches.get(out.last().unwrap_or(&tli)) {
+            if out.contains(&b.parent) {
+                break;
+            }
+            out.push(b.parent);
+        }
+        out
+    }
+
+    /// Whether recovery from a backup on timeline `from` that stopped at `stop` can follow
+    /// timeline `tli`: `from` is on `tli`'s lineage and `tli`'s history left it after `stop`.
+    pub fn can_follow(&self, tli: TimelineId, from: TimelineId, stop: Lsn) -> bool {
+        let lineage = self.lineage(tli);
+        match lineage.iter().position(|&t| t == from) {
+            None => false,
+            Some(0) => true,
+            // The timeline just after `from` on the lineage branched off it.
+            Some(i) => self
+                .branches
+                .get(&lineage[i - 1])
+                .is_some_and(|b| stop <= b.switchpoint),
+        }
+    }
+
+    /// The gap-free span `backups` restore (only DONE and OK ones count); None when none
+    /// reaches any point.
+    pub fn span<'a>(&self, backups: impl Iterator<Item = &'a BackupRecord>) -> Option<Span> {
+        let reach: Vec<(&BackupRecord, (TimelineId, Lsn))> = backups
+            .filter(|b| b.status.is_restorable())
+            .flat_map(|b| {
+                self.windows(b)
+                    .into_iter()
+                    .map(move |w| (b, (w.timeline, w.until)))
+            })
+            .collect();
+        let newest = reach.iter().map(|(_, r)| *r).max()?;
+        let (b, from) = reach
+            .iter()
+            .filter(|(_, r)| *r == newest)
+            .filter_map(|(b, _)| b.recovery_time.map(|t| (*b, t)))
+            .min_by_key(|(b, t)| (*t, b.start_time))?;
+        Some(Span {
+            from,
+            from_label: b.label.clone(),
+            timeline: newest.0,
+            until: newest.1,
+        })
+    }
+
     pub fn seg_size(&self) -> WalSegSize {
         self.seg
     }
@@ -140,7 +221,7 @@ impl WalChain {
                 .map(|s| s - 1)
                 .max();
             let end = present.last().copied().max(children_need);
-            let (Some(begin), Some(end)) = (begin, end) else {
+            let (Some(begin), Some(end)) = (begin.map(|b| b.max(self.floor)), end) else {
                 continue;
             };
             if begin > end {
@@ -277,6 +358,51 @@ impl WalChain {
     }
 }
 
+/// Where the archive is expected to be continuous from: the start segment of the oldest DONE or
+/// OK backup kept for itself (neither pinned nor only the parent of a pinned one) or restored
+/// for one that is; with none, the oldest one's. Holes before it are what retention left around
+/// pinned backups.
+pub fn continuous_from(backups: &[BackupRecord], seg: WalSegSize) -> Option<u64> {
+    let now = chrono::Utc::now();
+    let restorable: Vec<&BackupRecord> = backups
+        .iter()
+        .filter(|b| b.status.is_restorable())
+        .collect();
+    let for_pins: BTreeSet<&str> = restorable
+        .iter()
+        .filter(|b| b.pinned_at(now))
+        .flat_map(|b| lineage_labels(backups, &b.label))
+        .collect();
+    let unpinned: BTreeSet<&str> = restorable
+        .iter()
+        .filter(|b| !for_pins.contains(b.label.as_str()))
+        .flat_map(|b| lineage_labels(backups, &b.label))
+        .collect();
+    let start = |b: &&BackupRecord| b.start_lsn.segment_number(seg);
+    restorable
+        .iter()
+        .filter(|b| unpinned.contains(b.label.as_str()))
+        .map(start)
+        .min()
+        .or_else(|| restorable.iter().map(start).min())
+}
+
+/// The labels of a backup and its recorded ancestors.
+fn lineage_labels<'a>(backups: &'a [BackupRecord], label: &'a str) -> Vec<&'a str> {
+    let mut out = vec![label];
+    while let Some(parent) = backups
+        .iter()
+        .find(|b| Some(b.label.as_str()) == out.last().copied())
+        .and_then(|b| b.parent.as_deref())
+    {
+        if out.contains(&parent) {
+            break;
+        }
+        out.push(parent);
+    }
+    out
+}
+
 /// Read and parse the archived history file `name` of timeline `tli`, checking its size and
 /// CRC-32C when the catalog recorded them.
 pub fn read_history(
@@ -343,6 +469,7 @@ pub(crate) mod tests {
             page_checksum_failures: 0,
             from_standby: false,
             error: None,
+            pinned: None,
         }
     }
 

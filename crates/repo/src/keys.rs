@@ -33,6 +33,7 @@ pub const ARCHIVE_PREFIX: &str = ARCHIVE;
 pub const BACKUP_PREFIX: &str = BACKUP;
 const LZ4: &str = ".lz4";
 const STATUS: &str = "status";
+const PIN: &str = "pin";
 /// Segment names start with 24 hex digits, of which the first 16 name the directory.
 const SEGMENT_NAME_LEN: usize = 24;
 const DIR_NAME_LEN: usize = 16;
@@ -100,6 +101,28 @@ pub fn backup_status_prefix(label: &str) -> String {
 /// `backup/<label>/status/<seq>-<status>`, `seq` zero-padded so keys sort in order of change.
 pub fn backup_status(label: &str, seq: u64, status: &str) -> String {
     format!("{BACKUP}/{label}/{STATUS}/{seq:010}-{status}")
+}
+
+/// `backup/<label>/pin`, the pin changes of one backup.
+pub fn backup_pin_prefix(label: &str) -> String {
+    format!("{BACKUP}/{label}/{PIN}")
+}
+
+/// `backup/<label>/pin/<seq>`: one pin change (its content: `forever`, the time it ends, or
+/// `none`), `seq` zero-padded so keys sort in order of change.
+pub fn backup_pin(label: &str, seq: u64) -> String {
+    format!("{BACKUP}/{label}/{PIN}/{seq:010}")
+}
+
+/// Inverse of [`backup_pin`]: the label and sequence number of a pin key.
+pub fn backup_pin_from_key(key: &str) -> Option<(&str, u64)> {
+    let rest = key.strip_prefix(BACKUP)?.strip_prefix('/')?;
+    let (label, rest) = rest.split_once('/')?;
+    let seq = rest.strip_prefix(PIN)?.strip_prefix('/')?;
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((label, seq.parse().ok()?))
 }
 
 /// Inverse of [`backup_status`]: the label, sequence number and status of a status key.
@@ -200,6 +223,9 @@ mod tests {
             Some(("20261121-101500F", 10, "CORRUPT"))
         );
         assert_eq!(backup_status_prefix("L"), "backup/L/status");
+        assert_eq!(backup_pin("L", 3), "backup/L/pin/0000000003");
+        assert_eq!(backup_pin_from_key("backup/L/pin/0000000003"), Some(("L", 3)));
+        assert_eq!(backup_pin_from_key("backup/L/pin/x"), None);
         for other in [
             "backup/L/backup.ini",
             "backup/L/status/x-OK",

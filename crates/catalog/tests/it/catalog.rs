@@ -5,7 +5,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 use pgkeep_catalog::{
-    BackupStatus, BackupType, Catalog, CatalogError, FileKind, FileRecord, WalInsert,
+    BackupStatus, BackupType, Catalog, CatalogError, FileKind, FileRecord, Pin, WalInsert,
     SCHEMA_VERSION,
 };
 use proptest::prelude::*;
@@ -109,6 +109,44 @@ fn open_refuses_what_is_not_a_catalog() {
     ));
     // Nothing was written to the refused files.
     assert!(!dir.path().join("notes.txt-wal").exists());
+}
+
+#[test]
+fn pins_survive_updates_and_a_version_1_catalog_migrates_unpinned() {
+    let (dir, catalog) = new_catalog();
+    let full = backup("20261121-101500F", "2026-11-21T10:15:00Z");
+    catalog.insert_backup(&full).unwrap();
+    let until = Pin::Until(crate::time("2027-01-01T00:00:00Z"));
+    assert_eq!(
+        catalog.set_pin(&full.label, Some(until)).unwrap().pinned,
+        Some(until)
+    );
+    // update_backup leaves the pin alone, as it leaves the status.
+    catalog.update_backup(&full).unwrap();
+    let stored = catalog.backup(&full.label).unwrap().unwrap();
+    assert_eq!(stored.pinned, Some(until));
+    assert!(stored.pinned_at(crate::time("2026-12-31T23:59:59Z")));
+    assert!(!stored.pinned_at(crate::time("2027-01-01T00:00:00Z")));
+    catalog.set_pin(&full.label, Some(Pin::Forever)).unwrap();
+    assert_eq!(
+        catalog.backup(&full.label).unwrap().unwrap().pinned,
+        Some(Pin::Forever)
+    );
+    assert_eq!(
+        catalog.set_pin("missing", None).unwrap_err().to_string(),
+        "backup missing not found"
+    );
+    drop(catalog);
+
+    // The schema as version 1 left it: no pinned column.
+    let path = dir.path().join("catalog.db");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch("ALTER TABLE backup DROP COLUMN pinned; PRAGMA user_version = 1;")
+        .unwrap();
+    drop(conn);
+    let catalog = Catalog::open(&path).unwrap();
+    assert_eq!(catalog.backup(&full.label).unwrap().unwrap().pinned, None);
+    assert_eq!(SCHEMA_VERSION, 2);
 }
 
 #[test]

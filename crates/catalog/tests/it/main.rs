@@ -6,7 +6,7 @@ mod meta;
 
 use chrono::{DateTime, TimeZone, Utc};
 use pgkeep_catalog::{
-    BackupRecord, BackupStatus, BackupType, FileKind, FileRecord, Lsn, RepoIdentity, WalKind,
+    BackupRecord, BackupStatus, BackupType, FileKind, FileRecord, Lsn, Pin, RepoIdentity, WalKind,
     WalRecord,
 };
 use proptest::prelude::*;
@@ -52,6 +52,7 @@ pub fn backup(label: &str, start: &str) -> BackupRecord {
         page_checksum_failures: 0,
         error: None,
         from_standby: false,
+        pinned: None,
     }
 }
 
@@ -122,10 +123,12 @@ pub fn arb_backup() -> impl Strategy<Value = BackupRecord> {
         arb_text(),
         proptest::option::of(arb_nonempty_text()),
     );
+    let pin = prop_oneof![Just(Pin::Forever), arb_time().prop_map(Pin::Until)];
     let times = (
         arb_time(),
         proptest::option::of(arb_time()),
         proptest::option::of(arb_time()),
+        proptest::option::of(pin),
     );
     let counts = (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>());
     let cluster = (
@@ -142,7 +145,7 @@ pub fn arb_backup() -> impl Strategy<Value = BackupRecord> {
         |(
             (backup_type, status, parent, label),
             (timeline, start_lsn, stop_lsn, start_wal, stop_wal),
-            (start_time, end_time, recovery_time),
+            (start_time, end_time, recovery_time, pinned),
             (data_bytes, stored_bytes, files, page_checksum_failures),
             (
                 pg_version_num,
@@ -179,6 +182,7 @@ pub fn arb_backup() -> impl Strategy<Value = BackupRecord> {
             page_checksum_failures,
             error,
             from_standby,
+            pinned,
         },
     )
 }
