@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use pgkeep_core::config::{
-    ArchiveConfig, BackupConfig, Config, PgConfig, Policy, PrimaryConfig, RepoConfig,
-    RepoStorage, RetentionConfig, S3Config,
+    ArchiveConfig, BackupConfig, Config, PgConfig, Policy, PrimaryConfig, RepoConfig, RepoStorage,
+    RetentionConfig, S3Config,
 };
 
 const DEFAULT_PATH: &str = "/etc/pgkeep/pgkeep.toml";

@@ -72,7 +72,10 @@ pub fn store_pin(storage: &dyn Storage, b: &BackupRecord) -> Result<()> {
         .filter_map(|k| keys::backup_pin_from_key(k).map(|(_, seq)| seq))
         .max()
         .map_or(1, |seq| seq + 1);
-    let text = b.pinned.as_ref().map_or_else(|| "none".to_string(), pin_text);
+    let text = b
+        .pinned
+        .as_ref()
+        .map_or_else(|| "none".to_string(), pin_text);
     loop {
         let key = keys::backup_pin(&b.label, seq);
         let mut object = storage.create(&key).with_context(context)?;
@@ -105,9 +108,9 @@ pub fn latest_pin(
     let text = String::from_utf8_lossy(&get_bytes(storage, key)?).into_owned();
     match text.trim() {
         "none" => Ok(Some(None)),
-        t => parse_pin(t)
-            .map(|p| Some(Some(p)))
-            .ok_or_else(|| anyhow::anyhow!("pin object {key} holds {t:?}, not forever, a time or none")),
+        t => parse_pin(t).map(|p| Some(Some(p))).ok_or_else(|| {
+            anyhow::anyhow!("pin object {key} holds {t:?}, not forever, a time or none")
+        }),
     }
 }
 

@@ -224,7 +224,10 @@ mod tests {
         );
         assert_eq!(backup_status_prefix("L"), "backup/L/status");
         assert_eq!(backup_pin("L", 3), "backup/L/pin/0000000003");
-        assert_eq!(backup_pin_from_key("backup/L/pin/0000000003"), Some(("L", 3)));
+        assert_eq!(
+            backup_pin_from_key("backup/L/pin/0000000003"),
+            Some(("L", 3))
+        );
         assert_eq!(backup_pin_from_key("backup/L/pin/x"), None);
         for other in [
             "backup/L/backup.ini",

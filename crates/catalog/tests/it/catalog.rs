@@ -138,15 +138,16 @@ fn pins_survive_updates_and_a_version_1_catalog_migrates_unpinned() {
     );
     drop(catalog);
 
-    // The schema as version 1 left it: no pinned column.
+    // The schema as version 1 left it: no from_standby or pinned column.
     let path = dir.path().join("catalog.db");
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch("ALTER TABLE backup DROP COLUMN pinned; PRAGMA user_version = 1;")
-        .unwrap();
+    conn.execute_batch(
+        "ALTER TABLE backup DROP COLUMN pinned; ALTER TABLE backup DROP COLUMN from_standby; PRAGMA user_version = 1;",
+    )
+    .unwrap();
     drop(conn);
     let catalog = Catalog::open(&path).unwrap();
     assert_eq!(catalog.backup(&full.label).unwrap().unwrap().pinned, None);
-    assert_eq!(SCHEMA_VERSION, 2);
 }
 
 #[test]
@@ -176,10 +177,12 @@ fn a_version_1_catalog_is_migrated_and_its_backups_came_from_a_primary() {
     catalog.insert_backup(&full).unwrap();
     drop(catalog);
     let path = dir.path().join("catalog.db");
-    // What version 1 had: no from_standby column.
+    // What version 1 had: no from_standby or pinned column.
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch("ALTER TABLE backup DROP COLUMN from_standby; PRAGMA user_version = 1;")
-        .unwrap();
+    conn.execute_batch(
+        "ALTER TABLE backup DROP COLUMN pinned; ALTER TABLE backup DROP COLUMN from_standby; PRAGMA user_version = 1;",
+    )
+    .unwrap();
     drop(conn);
     let catalog = Catalog::open(&path).unwrap();
     assert_eq!(catalog.backup(&full.label).unwrap(), Some(full.clone()));
