@@ -18,7 +18,7 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 pub(crate) const APPLICATION_ID: i32 = 0x5047_4B50;
 
 /// SQL that takes the schema from version `i` to `i + 1`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 const V1: &str = "
 CREATE TABLE repo_identity (
@@ -97,4 +97,22 @@ CREATE INDEX wal_timeline_segno ON wal (timeline, segno);
 const V2: &str = "
 ALTER TABLE backup ADD COLUMN from_standby INTEGER NOT NULL DEFAULT 0
     CHECK (from_standby IN (0, 1));
+";
+
+/// Restore drills (`pgkeep drill`): one row per drill, kept when its backup is deleted so the
+/// history of drills stays readable. No foreign key, for that reason.
+const V3: &str = "
+CREATE TABLE drill (
+    id                INTEGER PRIMARY KEY,
+    backup_label      TEXT NOT NULL,
+    started_at        TEXT NOT NULL,
+    status            TEXT NOT NULL CHECK (status IN ('passed', 'failed')),
+    restore_seconds   REAL,
+    recovery_seconds  REAL,
+    recovered_lsn     INTEGER,
+    recovered_time    TEXT,
+    rpo_seconds       REAL,
+    message           TEXT
+);
+CREATE INDEX drill_backup ON drill (backup_label, started_at);
 ";
