@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use pgkeep_core::config::{
-    ArchiveConfig, BackupConfig, Config, PgConfig, PrimaryConfig, RepoConfig,
+    ArchiveConfig, BackupConfig, Config, DrillConfig, PgConfig, PrimaryConfig, RepoConfig,
 };
 
 const DEFAULT_PATH: &str = "/etc/pgkeep/pgkeep.toml";
@@ -34,6 +34,8 @@ struct File {
     backup: BackupSection,
     #[serde(default)]
     archive: ArchiveSection,
+    #[serde(default)]
+    drill: DrillSection,
 }
 
 #[derive(Deserialize, Debug)]
@@ -43,7 +45,8 @@ struct RepoSection {
 }
 
 /// `[pg]`, the server to back up, or `[primary]`, the primary of a standby `[pg]`: the same
-/// keys, but only `[pg]` has a data directory (pgkeep copies the standby's).
+/// keys, but only `[pg]` has a data directory (pgkeep copies the standby's) and server
+/// programs (`drill` runs them).
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct ServerSection {
@@ -56,6 +59,7 @@ struct ServerSection {
     user: String,
     #[serde(default = "default_database")]
     database: String,
+    bin: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -71,6 +75,12 @@ struct BackupSection {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct ArchiveSection {
     check_timeout: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct DrillSection {
+    dir: Option<PathBuf>,
 }
 
 fn default_host() -> String {
@@ -133,14 +143,27 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             path.display()
         ))
     })?;
-    if file.primary.as_ref().is_some_and(|p| p.data.is_some()) {
-        return Err(ConfigError(format!(
-            "config file {}: [primary] takes no data key: pgkeep copies the standby's [pg] data",
-            path.display()
-        )));
+    if let Some(p) = &file.primary {
+        let key = match (&p.data, &p.bin) {
+            (Some(_), _) => Some("data"),
+            (None, Some(_)) => Some("bin"),
+            (None, None) => None,
+        };
+        if let Some(key) = key {
+            return Err(ConfigError(format!(
+                "config file {}: [primary] takes no {key} key: it belongs in [pg], the server pgkeep copies and drills",
+                path.display()
+            )));
+        }
     }
     absolute(&file.repo.path, "[repo] path")?;
     absolute(&data, "[pg] data")?;
+    if let Some(bin) = &file.pg.bin {
+        absolute(bin, "[pg] bin")?;
+    }
+    if let Some(dir) = &file.drill.dir {
+        absolute(dir, "[drill] dir")?;
+    }
     let defaults = BackupConfig::default();
     let standby_max_lag = match &file.backup.standby_max_lag {
         Some(text) => parse_duration(text).ok_or_else(|| {
@@ -180,6 +203,7 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             port: file.pg.port,
             user: file.pg.user,
             database: file.pg.database,
+            bin: file.pg.bin,
         },
         primary: file.primary.map(|p| PrimaryConfig {
             host: p.host,
@@ -189,6 +213,9 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         }),
         backup,
         archive,
+        drill: DrillConfig {
+            dir: file.drill.dir,
+        },
     })
 }
 
@@ -260,6 +287,27 @@ user = "postgres"
             .unwrap()
             .primary
             .is_none());
+    }
+
+    #[test]
+    fn drill_dir_and_server_programs_parse_and_must_be_absolute() {
+        let text = format!(
+            "{MINIMAL}bin = \"/usr/lib/postgresql/15/bin\"\n[drill]\ndir = \"/srv/drill\"\n"
+        );
+        let cfg = parse(&text, Path::new("/x.toml")).unwrap();
+        assert_eq!(
+            cfg.pg.bin.as_deref(),
+            Some(Path::new("/usr/lib/postgresql/15/bin"))
+        );
+        assert_eq!(cfg.drill.dir.as_deref(), Some(Path::new("/srv/drill")));
+        let defaults = parse(MINIMAL, Path::new("/x.toml")).unwrap();
+        assert!(defaults.pg.bin.is_none() && defaults.drill.dir.is_none());
+        let text = format!("{MINIMAL}[drill]\ndir = \"drill\"\n");
+        let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
+        assert!(err.contains("[drill] dir"), "{err}");
+        let text = format!("{MINIMAL}[primary]\nhost = \"db1\"\nbin = \"/usr/bin\"\n");
+        let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
+        assert!(err.contains("[primary] takes no bin"), "{err}");
     }
 
     #[test]

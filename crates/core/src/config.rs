@@ -15,6 +15,7 @@ pub struct Config {
     pub primary: Option<PrimaryConfig>,
     pub backup: BackupConfig,
     pub archive: ArchiveConfig,
+    pub drill: DrillConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -31,6 +32,9 @@ pub struct PgConfig {
     pub port: u16,
     pub user: String,
     pub database: String,
+    /// Directory of the server's programs (postgres, pg_ctl) for `drill`; None = the running
+    /// server's, else PATH.
+    pub bin: Option<PathBuf>,
 }
 
 /// How to reach the primary of a standby named by `[pg]`.
@@ -60,6 +64,13 @@ pub struct BackupConfig {
 pub struct ArchiveConfig {
     /// How long `check` waits for the switched segment to reach the archive.
     pub check_timeout: Duration,
+}
+
+/// Where `drill` builds its sandboxes.
+#[derive(Clone, Debug, Default)]
+pub struct DrillConfig {
+    /// Parent of each drill's private sandbox directory; None = the system temp directory.
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for BackupConfig {
