@@ -1,4 +1,4 @@
-//! pgkeep's commands: init, show, archive-push/get, check, backup, restore, validate.
+//! pgkeep's commands: init, show, archive-push/get, check, backup, restore, validate, drill.
 //!
 //! Each command is a function taking validated options (a [`Config`] plus a per-command options
 //! struct) and returning a value the CLI prints. This crate talks to PostgreSQL (the `postgres`
@@ -11,6 +11,7 @@ pub(crate) mod chain;
 pub mod check;
 pub mod config;
 pub mod delta;
+pub mod drill;
 pub mod entries;
 pub mod init;
 pub mod lock;
