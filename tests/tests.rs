@@ -7,6 +7,7 @@ mod harness;
 mod archive;
 mod backup;
 mod cli;
+mod drill;
 mod expire;
 mod formats;
 mod incremental;

@@ -869,3 +869,43 @@ impl Cluster {
         }
     }
 }
+
+impl Cluster {
+    /// Put `line` into `[section]` of this cluster's pgkeep config (the section is added at the
+    /// end when the config has none).
+    pub fn set_config(&self, section: &str, line: &str) {
+        let text = fs::read_to_string(&self.config).unwrap();
+        let header = format!("[{section}]\n");
+        let text = match text.find(&header) {
+            Some(at) => {
+                let at = at + header.len();
+                format!("{}{line}\n{}", &text[..at], &text[at..])
+            }
+            None => format!("{text}{header}{line}\n"),
+        };
+        fs::write(&self.config, text).unwrap();
+    }
+}
+
+/// What a drill left behind under `dir`, its `[drill] dir`: entries in the directory and
+/// processes whose command line names it (a postmaster of a sandbox there).
+pub fn drill_leftovers(dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .collect();
+    let needle = dir.to_str().unwrap().as_bytes();
+    for proc_entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = fs::read(proc_entry.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            // The test's own pgkeep runs (already finished) and this scan do not count.
+            if text.contains("postgres") && !text.contains("pgkeep") {
+                found.push(format!("process: {text}"));
+            }
+        }
+    }
+    found
+}

@@ -45,6 +45,7 @@ pub const SUBSET: &[&str] = &[
     "standby::restore_standby_builds_a_replica_that_streams_and_a_delta_reseeds_it",
     "timelines::restore_chooses_a_backup_on_the_history_of_the_latest_timeline",
     "init::a_repository_refuses_a_cluster_of_another_major_and_says_to_init_a_new_one",
+    "drill::a_drill_of_a_healthy_repository_passes_reports_rto_and_rpo_and_leaves_the_live_cluster_alone",
 ];
 
 /// Parse `--majors 12,18` (or `all`, or `none`) into pinned versions.

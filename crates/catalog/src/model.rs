@@ -383,3 +383,43 @@ mod tests {
         assert!("ok".parse::<BackupStatus>().is_err());
     }
 }
+
+/// One restore drill (`pgkeep drill`): the backup restored into a sandbox, how long restore and
+/// recovery took and how far recovery got.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DrillRecord {
+    /// Label of the backup the drill restored.
+    pub backup_label: String,
+    /// When the drill began.
+    pub started_at: DateTime<Utc>,
+    /// Whether every step and check passed.
+    pub passed: bool,
+    /// Seconds to rebuild the data directory; None when the restore did not finish.
+    pub restore_seconds: Option<f64>,
+    /// Seconds from starting the server to its promotion; None when recovery did not finish.
+    pub recovery_seconds: Option<f64>,
+    /// Where replay ended ("redo done at").
+    pub recovered_lsn: Option<Lsn>,
+    /// Commit time of the last transaction replayed.
+    pub recovered_time: Option<DateTime<Utc>>,
+    /// Seconds between the point reached and the end of the drill's recovery.
+    pub rpo_seconds: Option<f64>,
+    /// What failed, on one line; None for a drill that passed.
+    pub message: Option<String>,
+}
+
+impl DrillRecord {
+    /// The text stored in the `status` column.
+    pub fn status_str(&self) -> &'static str {
+        if self.passed {
+            "passed"
+        } else {
+            "failed"
+        }
+    }
+
+    /// Restore plus recovery: how long it took to get a server back (the RTO), when both ended.
+    pub fn rto_seconds(&self) -> Option<f64> {
+        Some(self.restore_seconds? + self.recovery_seconds?)
+    }
+}

@@ -18,7 +18,7 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 pub(crate) const APPLICATION_ID: i32 = 0x5047_4B50;
 
 /// SQL that takes the schema from version `i` to `i + 1`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 const V1: &str = "
 CREATE TABLE repo_identity (
@@ -104,4 +104,22 @@ ALTER TABLE backup ADD COLUMN from_standby INTEGER NOT NULL DEFAULT 0
 const V3: &str = "
 ALTER TABLE backup ADD COLUMN pinned TEXT
     CHECK (pinned IS NULL OR pinned = 'forever' OR pinned GLOB '[0-9][0-9][0-9][0-9]-*');
+";
+
+/// Restore drills (`pgkeep drill`): one row per drill, kept when its backup is deleted so the
+/// history of drills stays readable. No foreign key, for that reason.
+const V4: &str = "
+CREATE TABLE drill (
+    id                INTEGER PRIMARY KEY,
+    backup_label      TEXT NOT NULL,
+    started_at        TEXT NOT NULL,
+    status            TEXT NOT NULL CHECK (status IN ('passed', 'failed')),
+    restore_seconds   REAL,
+    recovery_seconds  REAL,
+    recovered_lsn     INTEGER,
+    recovered_time    TEXT,
+    rpo_seconds       REAL,
+    message           TEXT
+);
+CREATE INDEX drill_backup ON drill (backup_label, started_at);
 ";

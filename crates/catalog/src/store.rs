@@ -16,8 +16,8 @@ use rusqlite::{
 use crate::schema::{APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION};
 use crate::text::{parse_pin, parse_time, pin_text, time_text};
 use crate::{
-    BackupRecord, BackupStatus, CatalogError, FileRecord, Lsn, Pin, RepoIdentity, Result,
-    WalInsert, WalRecord,
+    BackupRecord, BackupStatus, CatalogError, DrillRecord, FileRecord, Lsn, Pin, RepoIdentity,
+    Result, WalInsert, WalRecord,
 };
 
 /// An open catalog: one SQLite connection to the repository's catalog file.
@@ -55,6 +55,9 @@ const BACKUP_COLUMNS: &str = "label, backup_type, status, parent, timeline, star
 
 const FILE_COLUMNS: &str = "path, kind, size, mode, uid, gid, mtime, link_target, crc32c, sha256, \
      stored_size, stored_in, n_blocks, page_delta";
+
+const DRILL_COLUMNS: &str = "backup_label, started_at, status, restore_seconds, \
+     recovery_seconds, recovered_lsn, recovered_time, rpo_seconds, message";
 
 const WAL_COLUMNS: &str =
     "name, kind, timeline, segno, size, crc32c, sha256, stored_size, archived_at";
@@ -204,6 +207,16 @@ impl Catalog {
     /// skipped. Returns how many rows went.
     pub fn delete_wal_files(&self, names: &[String]) -> Result<usize> {
         self.with_db(|db| db.delete_wal_files(names))
+    }
+
+    /// Records a finished restore drill.
+    pub fn insert_drill(&self, d: &DrillRecord) -> Result<()> {
+        self.with_db(|db| db.insert_drill(d))
+    }
+
+    /// The newest drill of each backup that has one, by backup label.
+    pub fn last_drills(&self) -> Result<Vec<DrillRecord>> {
+        self.with_db(|db| db.last_drills())
     }
 
     /// Replaces every backup, file and WAL row, in one transaction; the identity stays. Used by
@@ -533,6 +546,47 @@ impl Db<'_> {
         drop(stmt);
         self.commit(tx)?;
         Ok(n)
+    }
+
+    fn insert_drill(&self, d: &DrillRecord) -> Result<()> {
+        self.conn
+            .execute(
+                &format!(
+                    "INSERT INTO drill ({DRILL_COLUMNS}) VALUES ({})",
+                    placeholders(9)
+                ),
+                params![
+                    d.backup_label,
+                    time_text(&d.started_at),
+                    d.status_str(),
+                    d.restore_seconds,
+                    d.recovery_seconds,
+                    d.recovered_lsn.map(|l| l.0 as i64),
+                    d.recovered_time.as_ref().map(time_text),
+                    d.rpo_seconds,
+                    d.message,
+                ],
+            )
+            .map_err(|e| {
+                self.fail(
+                    e,
+                    format!("recording the drill of backup {}", d.backup_label),
+                )
+            })?;
+        Ok(())
+    }
+
+    fn last_drills(&self) -> Result<Vec<DrillRecord>> {
+        // The newest row of each backup: the highest id, since rows are only ever appended.
+        self.all_rows(
+            &format!(
+                "SELECT {DRILL_COLUMNS} FROM drill WHERE id IN \
+                 (SELECT max(id) FROM drill GROUP BY backup_label) ORDER BY backup_label"
+            ),
+            [],
+            drill_from_row,
+            || "listing drills".into(),
+        )
     }
 
     fn replace_all(
@@ -909,6 +963,24 @@ fn backup_from_row(row: &Row<'_>) -> rusqlite::Result<BackupRecord> {
         error: row.get(22)?,
         from_standby: row.get(23)?,
         pinned: opt_parsed_col(row, 24, parse_pin)?,
+    })
+}
+
+fn drill_from_row(row: &Row<'_>) -> rusqlite::Result<DrillRecord> {
+    Ok(DrillRecord {
+        backup_label: row.get(0)?,
+        started_at: parsed_col(row, 1, parse_time)?,
+        passed: parsed_col(row, 2, |s| match s {
+            "passed" => Some(true),
+            "failed" => Some(false),
+            _ => None,
+        })?,
+        restore_seconds: row.get(3)?,
+        recovery_seconds: row.get(4)?,
+        recovered_lsn: row.get::<_, Option<i64>>(5)?.map(|v| Lsn(v as u64)),
+        recovered_time: opt_parsed_col(row, 6, parse_time)?,
+        rpo_seconds: row.get(7)?,
+        message: row.get(8)?,
     })
 }
 

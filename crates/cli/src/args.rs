@@ -97,6 +97,25 @@ pub enum Command {
     },
     /// Let [retention] decide about a pinned backup again.
     Unpin { label: String },
+    /// Restore a backup into a private sandbox, start it, replay the archive, check pages and
+    /// tables, report RTO and RPO, then remove the sandbox. Exits 3 when the drill fails.
+    Drill {
+        /// Backup to drill [default: the newest one restore would choose].
+        #[arg(long, value_name = "LABEL")]
+        backup: Option<String>,
+        /// Recover up to this time instead of the end of the archive (as restore --target-time).
+        #[arg(long, value_name = "TS")]
+        target_time: Option<String>,
+        /// Parallel restore writers and page readers [default: [backup] jobs, else one per core].
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Leave the sandbox (stopped) in place and print its path.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Catalog maintenance.
     Catalog {
         #[command(subcommand)]

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use pgkeep_core::config::{
-    ArchiveConfig, BackupConfig, Config, PgConfig, Policy, PrimaryConfig, RepoConfig, RepoStorage,
-    RetentionConfig, S3Config,
+    ArchiveConfig, BackupConfig, Config, DrillConfig, PgConfig, Policy, PrimaryConfig, RepoConfig,
+    RepoStorage, RetentionConfig, S3Config,
 };
 
 const DEFAULT_PATH: &str = "/etc/pgkeep/pgkeep.toml";
@@ -37,6 +37,7 @@ struct File {
     archive: ArchiveSection,
     #[serde(default)]
     retention: RetentionSection,
+    drill: DrillSection,
 }
 
 #[derive(Deserialize, Debug)]
@@ -72,7 +73,8 @@ enum UriStyle {
 }
 
 /// `[pg]`, the server to back up, or `[primary]`, the primary of a standby `[pg]`: the same
-/// keys, but only `[pg]` has a data directory (pgkeep copies the standby's).
+/// keys, but only `[pg]` has a data directory (pgkeep copies the standby's) and server
+/// programs (`drill` runs them).
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct ServerSection {
@@ -85,6 +87,7 @@ struct ServerSection {
     user: String,
     #[serde(default = "default_database")]
     database: String,
+    bin: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -109,6 +112,12 @@ struct RetentionSection {
     window: Option<String>,
     diff: Option<u32>,
     auto: Option<bool>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct DrillSection {
+    dir: Option<PathBuf>,
 }
 
 fn default_host() -> String {
@@ -171,14 +180,27 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             path.display()
         ))
     })?;
-    if file.primary.as_ref().is_some_and(|p| p.data.is_some()) {
-        return Err(ConfigError(format!(
-            "config file {}: [primary] takes no data key: pgkeep copies the standby's [pg] data",
-            path.display()
-        )));
+    if let Some(p) = &file.primary {
+        let key = match (&p.data, &p.bin) {
+            (Some(_), _) => Some("data"),
+            (None, Some(_)) => Some("bin"),
+            (None, None) => None,
+        };
+        if let Some(key) = key {
+            return Err(ConfigError(format!(
+                "config file {}: [primary] takes no {key} key: it belongs in [pg], the server pgkeep copies and drills",
+                path.display()
+            )));
+        }
     }
     absolute(&data, "[pg] data")?;
     let repo = repo_config(file.repo, path, &absolute)?;
+    if let Some(bin) = &file.pg.bin {
+        absolute(bin, "[pg] bin")?;
+    }
+    if let Some(dir) = &file.drill.dir {
+        absolute(dir, "[drill] dir")?;
+    }
     let defaults = BackupConfig::default();
     let standby_max_lag = match &file.backup.standby_max_lag {
         Some(text) => parse_duration(text).ok_or_else(|| {
@@ -239,6 +261,7 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             port: file.pg.port,
             user: file.pg.user,
             database: file.pg.database,
+            bin: file.pg.bin,
         },
         primary: file.primary.map(|p| PrimaryConfig {
             host: p.host,
@@ -249,6 +272,9 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         backup,
         archive,
         retention,
+        drill: DrillConfig {
+            dir: file.drill.dir,
+        },
     })
 }
 
@@ -496,6 +522,27 @@ data = "/d"
             .unwrap()
             .primary
             .is_none());
+    }
+
+    #[test]
+    fn drill_dir_and_server_programs_parse_and_must_be_absolute() {
+        let text = format!(
+            "{MINIMAL}bin = \"/usr/lib/postgresql/15/bin\"\n[drill]\ndir = \"/srv/drill\"\n"
+        );
+        let cfg = parse(&text, Path::new("/x.toml")).unwrap();
+        assert_eq!(
+            cfg.pg.bin.as_deref(),
+            Some(Path::new("/usr/lib/postgresql/15/bin"))
+        );
+        assert_eq!(cfg.drill.dir.as_deref(), Some(Path::new("/srv/drill")));
+        let defaults = parse(MINIMAL, Path::new("/x.toml")).unwrap();
+        assert!(defaults.pg.bin.is_none() && defaults.drill.dir.is_none());
+        let text = format!("{MINIMAL}[drill]\ndir = \"drill\"\n");
+        let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
+        assert!(err.contains("[drill] dir"), "{err}");
+        let text = format!("{MINIMAL}[primary]\nhost = \"db1\"\nbin = \"/usr/bin\"\n");
+        let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
+        assert!(err.contains("[primary] takes no bin"), "{err}");
     }
 
     #[test]

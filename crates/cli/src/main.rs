@@ -18,7 +18,7 @@ mod exit {
     pub const FAILURE: u8 = 1;
     /// Bad command line or config.
     pub const USAGE: u8 = 2;
-    /// `check` or `validate` found a problem.
+    /// `check` or `validate` found a problem, or a `drill` failed.
     pub const FOUND_PROBLEMS: u8 = 3;
     /// `archive-get` failed for any reason but "not in the archive". PostgreSQL takes a
     /// restore_command status of 1 to 125 for "no such file" and ends recovery there, promoting
@@ -240,6 +240,38 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
         Command::Unpin { label } => {
             let b = pgkeep_core::retention::pin(&cfg, &label, None)?;
             println!("backup {} unpinned", b.label);
+        }
+        Command::Drill {
+            backup,
+            target_time,
+            jobs,
+            json,
+            keep,
+        } => {
+            let opts = pgkeep_core::drill::DrillOptions {
+                backup,
+                target_time: target_time
+                    .as_deref()
+                    .map(|t| options::parse_time(t, "--target-time"))
+                    .transpose()?,
+                jobs,
+                keep,
+            };
+            let progress = progress::CliProgress::new();
+            let report = pgkeep_core::drill::drill(&cfg, &opts, &progress)?;
+            if json {
+                println!("{}", pgkeep_core::drill::report_json(&report));
+            } else {
+                output::print_drill_report(&report);
+            }
+            if let Some(message) = &report.record.message {
+                eprintln!(
+                    "pgkeep: error: drill of backup {} failed: {}",
+                    report.record.backup_label,
+                    one_line(message)
+                );
+                return Ok(ExitCode::from(exit::FOUND_PROBLEMS));
+            }
         }
         Command::Catalog {
             command: args::CatalogCommand::Rebuild,

@@ -1,7 +1,9 @@
-//! Human-readable output: the `show` table and the reports of backup, restore, validate and
-//! catalog rebuild.
+//! Human-readable output: the `show` table and the reports of backup, restore, validate, drill
+//! and catalog rebuild.
 
+use chrono::{DateTime, Utc};
 use pgkeep_core::backup::BackupSummary;
+use pgkeep_core::drill::{CheckResult, DrillRecord, DrillReport};
 use pgkeep_core::rebuild::RebuildReport;
 use pgkeep_core::restore::{RecoveryTarget, RestoreOptions, RestoreSummary};
 use pgkeep_core::retention::{pin_text, RetentionReport, Why};
@@ -25,7 +27,13 @@ pub fn print_backups(listing: &Listing) {
         "STOP LSN",
         "PARENT"
     );
-    for Shown { record: b, windows } in backups {
+    for Shown {
+        record: b,
+        windows,
+        restorable_until_time,
+        last_drill,
+    } in backups
+    {
         let until = if !windows.is_empty() {
             windows_text(windows, b.timeline)
         } else if b.status.is_restorable() {
@@ -51,8 +59,78 @@ pub fn print_backups(listing: &Listing) {
         if b.pinned_at(chrono::Utc::now()) {
             println!("  pinned{}", pin_text(b.pinned));
         }
+        if let (Some(from), Some(until)) = (b.recovery_time, restorable_until_time) {
+            println!(
+                "  restorable from {} to about {}",
+                time_text(from),
+                time_text(*until)
+            );
+        }
+        if let Some(d) = last_drill {
+            println!("  last drill {}", drill_text(d));
+        }
     }
     println!("{}", span_text(listing.span.as_ref()));
+}
+
+/// A time for people: to the second, in UTC.
+fn time_text(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+/// `2026-11-21 10:15:00 UTC: passed, RTO 4.2 s (restore 1.1 s, recovery 3.1 s), RPO 12.0 s`;
+/// a failed drill says what it measured before what failed.
+fn drill_text(d: &DrillRecord) -> String {
+    let mut parts = vec![format!("{}: {}", time_text(d.started_at), d.status_str())];
+    if let Some(rto) = d.rto_seconds() {
+        parts.push(format!(
+            "RTO {rto:.1} s (restore {:.1} s, recovery {:.1} s)",
+            d.restore_seconds.unwrap_or_default(),
+            d.recovery_seconds.unwrap_or_default()
+        ));
+    } else if let Some(restore) = d.restore_seconds {
+        parts.push(format!("restore {restore:.1} s"));
+    }
+    if let Some(rpo) = d.rpo_seconds {
+        parts.push(format!("RPO {rpo:.1} s"));
+    }
+    let mut text = parts.join(", ");
+    if let Some(m) = &d.message {
+        text.push_str(&format!(": {m}"));
+    }
+    text
+}
+
+/// The drill's figures, then one line per check.
+pub fn print_drill_report(r: &DrillReport) {
+    let d = &r.record;
+    println!("{}", r.choice);
+    println!("drill of backup {}: {}", d.backup_label, drill_text(d));
+    let point = match (d.recovered_lsn, d.recovered_time) {
+        (None, None) => None,
+        (lsn, time) => Some(format!(
+            "{}{}",
+            lsn.map_or("unknown LSN".to_string(), |l| l.to_string()),
+            time.map_or(String::new(), |t| format!(
+                ", last replayed commit at {}",
+                t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            ))
+        )),
+    };
+    if let Some(point) = point {
+        println!("recovered to {point}");
+    }
+    for c in &r.checks {
+        let result = match c.outcome {
+            CheckResult::Passed => "ok",
+            CheckResult::Failed => "FAIL",
+            CheckResult::Skipped => "skip",
+        };
+        println!("{result:<4} {:<16} {}", c.name, c.detail);
+    }
+    if let Some(dir) = &r.kept {
+        println!("sandbox kept at {} (stopped)", dir.display());
+    }
 }
 
 /// `restorable: any point from T (backup L) to LSN on timeline N`.

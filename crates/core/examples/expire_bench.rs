@@ -11,7 +11,7 @@ use pgkeep_catalog::{
     WalRecord,
 };
 use pgkeep_core::config::{
-    ArchiveConfig, BackupConfig, Config, PgConfig, Policy, RepoConfig, RetentionConfig,
+    ArchiveConfig, BackupConfig, Config, DrillConfig, PgConfig, Policy, RepoConfig, RetentionConfig,
 };
 use pgkeep_pg::{segment_name, Lsn, TimelineId, WalSegSize};
 use pgkeep_repo::{keys, put_bytes, LocalStorage, Storage};
@@ -147,6 +147,7 @@ fn config(root: &Path, dir: &Path) -> Config {
             port: 5432,
             user: "postgres".into(),
             database: "postgres".into(),
+            bin: None,
         },
         primary: None,
         backup: BackupConfig::default(),
@@ -158,6 +159,7 @@ fn config(root: &Path, dir: &Path) -> Config {
             },
             auto: true,
         },
+        drill: DrillConfig::default(),
     }
 }
 

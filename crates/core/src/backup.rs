@@ -1215,7 +1215,7 @@ fn record_of(e: &Entry, stored_in: Option<&str>) -> FileRecord {
 }
 
 /// Fill `buf` as far as the file allows; a short count means end of file.
-fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match file.read(&mut buf[n..]) {

@@ -19,6 +19,7 @@ pub struct Config {
     pub backup: BackupConfig,
     pub archive: ArchiveConfig,
     pub retention: RetentionConfig,
+    pub drill: DrillConfig,
 }
 
 /// `[retention]`: what `expire` keeps. No policy set keeps everything.
@@ -108,6 +109,9 @@ pub struct PgConfig {
     pub port: u16,
     pub user: String,
     pub database: String,
+    /// Directory of the server's programs (postgres, pg_ctl) for `drill`; None = the running
+    /// server's, else PATH.
+    pub bin: Option<PathBuf>,
 }
 
 /// How to reach the primary of a standby named by `[pg]`.
@@ -137,6 +141,13 @@ pub struct BackupConfig {
 pub struct ArchiveConfig {
     /// How long `check` waits for the switched segment to reach the archive.
     pub check_timeout: Duration,
+}
+
+/// Where `drill` builds its sandboxes.
+#[derive(Clone, Debug, Default)]
+pub struct DrillConfig {
+    /// Parent of each drill's private sandbox directory; None = the system temp directory.
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for BackupConfig {

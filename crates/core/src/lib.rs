@@ -1,5 +1,5 @@
-//! pgkeep's commands: init, show, archive-push/get, check, backup, restore, validate, and
-//! retention (expire, delete, pin).
+//! pgkeep's commands: init, show, archive-push/get, check, backup, restore, validate, drill,
+//! and retention (expire, delete, pin).
 //!
 //! Each command is a function taking validated options (a [`Config`] plus a per-command options
 //! struct) and returning a value the CLI prints. This crate talks to PostgreSQL (the `postgres`
@@ -12,6 +12,7 @@ pub(crate) mod chain;
 pub mod check;
 pub mod config;
 pub mod delta;
+pub mod drill;
 pub mod entries;
 pub mod init;
 pub mod lock;

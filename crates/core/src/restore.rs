@@ -1004,7 +1004,7 @@ fn shell_word(s: &str) -> String {
 
 /// `s` as a single-quoted postgresql.conf string: PostgreSQL's parser reads `''` as a quote
 /// and processes backslash escapes, so both are escaped.
-fn conf_string(s: &str) -> String {
+pub(crate) fn conf_string(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 

@@ -1,8 +1,11 @@
-//! `pgkeep show`: the backups in the catalog with their restorable windows, as records or as
-//! the `show --json` document.
+//! `pgkeep show`: the backups in the catalog with their restorable windows (as LSNs and as
+//! times) and their last restore drill, as records or as the `show --json` document.
+
+use std::collections::HashMap;
 
 use anyhow::Result;
-pub use pgkeep_catalog::{BackupRecord, Pin};
+use chrono::{DateTime, Utc};
+pub use pgkeep_catalog::{BackupRecord, DrillRecord, Pin};
 use serde_json::{json, Value};
 
 use crate::config::Config;
@@ -17,6 +20,11 @@ pub struct Shown {
     /// How far the backup can be rolled forward, per timeline (see [`WalChain::windows`]);
     /// empty unless it is DONE or OK and its WAL is all there.
     pub windows: Vec<Window>,
+    /// About the last restorable moment on the backup's own timeline: when the last segment of
+    /// its window was archived (the segment holds nothing later; it may hold less).
+    pub restorable_until_time: Option<DateTime<Utc>>,
+    /// The newest `pgkeep drill` of this backup.
+    pub last_drill: Option<DrillRecord>,
 }
 
 /// What `show` prints: the backups and the span of points they restore to.
@@ -44,15 +52,32 @@ pub fn show(cfg: &Config, label: Option<&str>) -> Result<Listing> {
         }
     };
     let chain = WalChain::from_repo(&repo)?;
-    Ok(Listing {
-        span: chain.span(all.iter()),
-        backups: backups
-            .into_iter()
-            .map(|record| Shown {
-                windows: restorable_windows(&chain, &record),
+    let mut drills: HashMap<String, DrillRecord> = repo
+        .catalog
+        .last_drills()?
+        .into_iter()
+        .map(|d| (d.backup_label.clone(), d))
+        .collect();
+    let backups = backups
+        .into_iter()
+        .map(|record| {
+            let windows = restorable_windows(&chain, &record);
+            let own = windows.iter().find(|w| w.timeline.0 == record.timeline);
+            let restorable_until_time = match own {
+                Some(w) => repo.catalog.wal(&w.last_wal)?.map(|r| r.archived_at),
+                None => None,
+            };
+            Ok(Shown {
+                last_drill: drills.remove(&record.label),
+                windows,
+                restorable_until_time,
                 record,
             })
-            .collect(),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Listing {
+        span: chain.span(all.iter()),
+        backups,
     })
 }
 
@@ -87,7 +112,8 @@ pub fn span_json(span: Option<&Span>) -> Value {
     }
 }
 
-fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+/// RFC 3339 in UTC with microseconds, as every time in `show --json` and `drill --json`.
+pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
@@ -98,6 +124,14 @@ fn backup_json(shown: &Shown) -> Value {
         .iter()
         .find(|w| w.timeline.0 == shown.record.timeline);
     v["restorable_until"] = json!(own.map(|w| w.until.to_string()));
+    // The window as times: from the backup's recovery_time to about when its last WAL was
+    // archived.
+    v["restorable_from_time"] = json!(own.and(shown.record.recovery_time).map(rfc3339));
+    v["restorable_until_time"] = json!(own.and(shown.restorable_until_time).map(rfc3339));
+    v["last_drill"] = shown
+        .last_drill
+        .as_ref()
+        .map_or(Value::Null, crate::drill::drill_json);
     v["restorable_windows"] = shown
         .windows
         .iter()
@@ -113,7 +147,7 @@ fn backup_json(shown: &Shown) -> Value {
 }
 
 fn record_json(b: &BackupRecord) -> Value {
-    let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(rfc3339);
+    let time = |t: Option<DateTime<Utc>>| t.map(rfc3339);
     let pinned_until = match b.pinned {
         Some(Pin::Until(t)) => json!(rfc3339(t)),
         Some(Pin::Forever) => json!("forever"),

@@ -5,8 +5,8 @@ use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 use pgkeep_catalog::{
-    BackupStatus, BackupType, Catalog, CatalogError, FileKind, FileRecord, Pin, WalInsert,
-    SCHEMA_VERSION,
+    BackupStatus, BackupType, Catalog, CatalogError, DrillRecord, FileKind, FileRecord, Lsn, Pin,
+    WalInsert, SCHEMA_VERSION,
 };
 use proptest::prelude::*;
 use tempfile::TempDir;
@@ -142,7 +142,7 @@ fn pins_survive_updates_and_a_version_1_catalog_migrates_unpinned() {
     let path = dir.path().join("catalog.db");
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
-        "ALTER TABLE backup DROP COLUMN pinned; ALTER TABLE backup DROP COLUMN from_standby; PRAGMA user_version = 1;",
+        "ALTER TABLE backup DROP COLUMN pinned; ALTER TABLE backup DROP COLUMN from_standby; DROP TABLE drill; PRAGMA user_version = 1;",
     )
     .unwrap();
     drop(conn);
@@ -177,10 +177,10 @@ fn a_version_1_catalog_is_migrated_and_its_backups_came_from_a_primary() {
     catalog.insert_backup(&full).unwrap();
     drop(catalog);
     let path = dir.path().join("catalog.db");
-    // What version 1 had: no from_standby or pinned column.
+    // What version 1 had: no from_standby (2) or pinned (3) column, no drill table (4).
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
-        "ALTER TABLE backup DROP COLUMN pinned; ALTER TABLE backup DROP COLUMN from_standby; PRAGMA user_version = 1;",
+        "ALTER TABLE backup DROP COLUMN pinned; ALTER TABLE backup DROP COLUMN from_standby; DROP TABLE drill; PRAGMA user_version = 1;",
     )
     .unwrap();
     drop(conn);
@@ -190,6 +190,7 @@ fn a_version_1_catalog_is_migrated_and_its_backups_came_from_a_primary() {
     standby.from_standby = true;
     catalog.insert_backup(&standby).unwrap();
     assert_eq!(catalog.backup(&standby.label).unwrap(), Some(standby));
+    assert!(catalog.last_drills().unwrap().is_empty());
     let version: i64 = rusqlite::Connection::open(&path)
         .unwrap()
         .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -361,6 +362,44 @@ fn set_status_enforces_transitions() {
             assert_eq!(catalog.backup(&label).unwrap().unwrap().status, expected);
         }
     }
+}
+
+#[test]
+fn the_last_drill_of_each_backup_is_listed_with_every_field() {
+    let (_dir, catalog) = new_catalog();
+    assert!(catalog.last_drills().unwrap().is_empty());
+    let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().to_utc();
+    let failed = DrillRecord {
+        backup_label: "20261121-101500F".into(),
+        started_at: at("2026-11-21T11:00:00.5Z"),
+        passed: false,
+        restore_seconds: Some(1.25),
+        recovery_seconds: None,
+        recovered_lsn: None,
+        recovered_time: None,
+        rpo_seconds: None,
+        message: Some("recovery failed: archive-get 000000010000000000000003: corrupt".into()),
+    };
+    let passed = DrillRecord {
+        started_at: at("2026-11-22T11:00:00Z"),
+        passed: true,
+        recovery_seconds: Some(2.5),
+        recovered_lsn: Some(Lsn(0x3_0000_0028)),
+        recovered_time: Some(at("2026-11-21T10:59:00.123456Z")),
+        rpo_seconds: Some(61.5),
+        message: None,
+        ..failed.clone()
+    };
+    let other = DrillRecord {
+        backup_label: "20261120-101500F".into(),
+        ..failed.clone()
+    };
+    for d in [&failed, &passed, &other] {
+        catalog.insert_drill(d).unwrap();
+    }
+    assert_eq!(catalog.last_drills().unwrap(), vec![other, passed.clone()]);
+    assert_eq!(passed.rto_seconds(), Some(3.75));
+    assert_eq!(failed.rto_seconds(), None);
 }
 
 #[test]
