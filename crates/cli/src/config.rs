@@ -37,6 +37,7 @@ struct File {
     archive: ArchiveSection,
     #[serde(default)]
     retention: RetentionSection,
+    #[serde(default)]
     drill: DrillSection,
 }
 

@@ -384,9 +384,12 @@ impl WalReader<'_> {
             .size(key)?
             .ok_or_else(|| anyhow!("{key} vanished while the catalog was rebuilt"))?;
         let digest = fetch_decompressed(self.storage, key, &mut io::sink(), None, true)?;
-        // Not every backend keeps a modification time: the rebuild's time stands in for the
-        // time the file was archived, which nothing decides by.
-        let archived_at: DateTime<Utc> = Utc::now();
+        // The object's modification time is when it was archived; a backend that keeps none
+        // gets the rebuild's time (`show` reports it as an approximate time only).
+        let archived_at: DateTime<Utc> = self
+            .storage
+            .modified(key)?
+            .map_or_else(Utc::now, DateTime::<Utc>::from);
         Ok(WalRecord {
             name: name.to_string(),
             kind: wal_kind(&parsed),

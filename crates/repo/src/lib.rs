@@ -102,6 +102,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>>;
     /// Size in bytes of the stored object, `None` when absent.
     fn size(&self, key: &str) -> Result<Option<u64>>;
+    /// When the object at `key` was stored, where the backend keeps it; `None` when absent or
+    /// unknown. Only informative (`catalog rebuild` takes it as a WAL file's archive time).
+    fn modified(&self, _key: &str) -> Result<Option<std::time::SystemTime>> {
+        Ok(None)
+    }
     /// Every key under `prefix` (a "directory"; "" = all), recursive, sorted; temp files of
     /// uncommitted writes are never listed.
     fn list(&self, prefix: &str) -> Result<Vec<String>>;

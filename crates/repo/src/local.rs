@@ -278,6 +278,16 @@ impl Storage for LocalStorage {
         }
     }
 
+    fn modified(&self, key: &str) -> Result<Option<std::time::SystemTime>> {
+        key::check(key)?;
+        match fs::metadata(self.path(key)) {
+            Ok(meta) if meta.is_file() => Ok(meta.modified().ok()),
+            Ok(_) => Ok(None),
+            Err(e) if is_absent(&e) => Ok(None),
+            Err(e) => Err(StorageError::io(key, e)),
+        }
+    }
+
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let prefix = key::check_prefix(prefix)?;
         let mut keys = Vec::new();

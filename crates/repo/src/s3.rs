@@ -300,6 +300,16 @@ impl Storage for S3Storage {
         }
     }
 
+    fn modified(&self, key: &str) -> Result<Option<std::time::SystemTime>> {
+        key::check(key)?;
+        let inner = &self.inner;
+        match inner.block_on(inner.store.head(&inner.path(key))) {
+            Ok(meta) => Ok(Some(meta.last_modified.into())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(inner.error(key, e)),
+        }
+    }
+
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let prefix = key::check_prefix(prefix)?;
         let inner = &self.inner;
