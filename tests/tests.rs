@@ -16,3 +16,4 @@ mod standby;
 mod tidy;
 mod timelines;
 mod validate;
+mod walrecord;
