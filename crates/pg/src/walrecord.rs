@@ -31,6 +31,27 @@ pub const DEFAULT_TABLESPACE_OID: u32 = 1663;
 /// `GLOBALTABLESPACE_OID` (src/include/catalog/pg_tablespace.dat): `global/`.
 pub const GLOBAL_TABLESPACE_OID: u32 = 1664;
 
+impl RelFileLocator {
+    /// The locator of relation file `rel_number` in database directory `db_dir`, as
+    /// [`crate::parse_relation_path`] returns it: `base/<db>`, `global` or
+    /// `pg_tblspc/<spc>/<version>/<db>` (`GetRelationPath`, src/common/relpath.c).
+    pub fn of_db_dir(db_dir: &str, rel_number: u32) -> Option<RelFileLocator> {
+        let oid = |s: &str| crate::bytes::canonical_u32(s);
+        let parts: Vec<&str> = db_dir.split('/').collect();
+        let (spc_oid, db_oid) = match parts.as_slice() {
+            ["base", db] => (DEFAULT_TABLESPACE_OID, oid(db)?),
+            ["global"] => (GLOBAL_TABLESPACE_OID, 0),
+            ["pg_tblspc", spc, _, db] => (oid(spc)?, oid(db)?),
+            _ => return None,
+        };
+        Some(RelFileLocator {
+            spc_oid,
+            db_oid,
+            rel_number,
+        })
+    }
+}
+
 /// Size of a `RelFileNode` / `RelFileLocator` in WAL: three 4-byte `Oid`s.
 pub const REL_FILE_LOCATOR_SIZE: usize = 12;
 
@@ -1011,6 +1032,19 @@ mod tests {
             };
             assert_eq!(img3.compression, want, "PostgreSQL {pg_major}");
         }
+    }
+
+    #[test]
+    fn locators_of_database_directories() {
+        let at = |dir| RelFileLocator::of_db_dir(dir, 9).map(|r| (r.spc_oid, r.db_oid));
+        assert_eq!(at("base/5"), Some((1663, 5)));
+        assert_eq!(at("global"), Some((1664, 0)));
+        assert_eq!(
+            at("pg_tblspc/16400/PG_15_202209061/16401"),
+            Some((16400, 16401))
+        );
+        assert_eq!(at("base"), None);
+        assert_eq!(at("base/05"), None);
     }
 
     #[test]
