@@ -6,6 +6,7 @@ mod harness;
 
 mod archive;
 mod backup;
+mod blockmap;
 mod cli;
 mod formats;
 mod incremental;
