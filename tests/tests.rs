@@ -6,6 +6,7 @@ mod harness;
 
 mod archive;
 mod backup;
+mod blockmap;
 mod cli;
 mod drill;
 mod expire;
@@ -19,3 +20,4 @@ mod standby;
 mod tidy;
 mod timelines;
 mod validate;
+mod walrecord;

@@ -54,7 +54,7 @@ pub fn pg_client(tool: &str) -> PathBuf {
 }
 
 /// Major version of a PostgreSQL program, from its `--version` line.
-fn major_of(program: &Path) -> u32 {
+pub fn major_of(program: &Path) -> u32 {
     let out = Command::new(program).arg("--version").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace()

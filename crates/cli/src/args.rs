@@ -46,6 +46,9 @@ pub enum Command {
         /// Parallel copy workers [default: [backup] jobs, else one per core].
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
+        /// diff/incr: find changed pages by reading every page instead of from the archived WAL.
+        #[arg(long)]
+        scan: bool,
     },
     /// Rebuild a data directory from a backup and set up point-in-time recovery, or a replica.
     // Boxed: its many flags would make every other command's value as large.

@@ -170,13 +170,21 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(exit::FOUND_PROBLEMS));
             }
         }
-        Command::Backup { backup_type, jobs } => {
+        Command::Backup {
+            backup_type,
+            jobs,
+            scan,
+        } => {
             let backup_type = match backup_type {
                 args::TypeArg::Full => pgkeep_core::backup::BackupType::Full,
                 args::TypeArg::Diff => pgkeep_core::backup::BackupType::Diff,
                 args::TypeArg::Incr => pgkeep_core::backup::BackupType::Incr,
             };
-            let opts = pgkeep_core::backup::BackupOptions { backup_type, jobs };
+            let opts = pgkeep_core::backup::BackupOptions {
+                backup_type,
+                jobs,
+                scan,
+            };
             let progress = progress::CliProgress::new();
             let s = pgkeep_core::backup::backup(&cfg, &opts, &progress)?;
             output::print_backup_summary(&s);

@@ -2,7 +2,7 @@
 //! and catalog rebuild.
 
 use chrono::{DateTime, Utc};
-use pgkeep_core::backup::BackupSummary;
+use pgkeep_core::backup::{BackupSummary, BlockSource};
 use pgkeep_core::drill::{CheckResult, DrillRecord, DrillReport};
 use pgkeep_core::rebuild::RebuildReport;
 use pgkeep_core::restore::{RecoveryTarget, RestoreOptions, RestoreSummary};
@@ -331,6 +331,23 @@ pub fn print_backup_summary(s: &BackupSummary) {
         r.data_bytes as f64 / 1e6 / secs.max(1e-3),
         s.page_failures.len()
     );
+    if let Some(b) = &s.blocks {
+        let source = match &b.source {
+            BlockSource::Wal {
+                since,
+                until,
+                records,
+            } => format!("from the WAL archive ({since} to {until}, {records} records)"),
+            BlockSource::Scan { reason } => format!("by page scan ({reason})"),
+        };
+        println!(
+            "changed pages {source}: {} relation files not read, {} read by block, {} fell back to the page scan; {} read from the data directory",
+            b.files_not_read,
+            b.files_by_block,
+            b.files_fallen_back,
+            human_bytes(s.bytes_read)
+        );
+    }
     for f in &s.page_failures {
         eprintln!(
             "pgkeep: warning: page checksum failure in {} block {}: the cluster's storage is damaged (the backup stays valid; WAL replay covers pages written during it)",

@@ -3,15 +3,20 @@
 //! the backup needs. Only then is the backup DONE.
 //!
 //! A diff or incr backup builds on a parent (the newest full, or the newest backup of any type).
-//! Relation main forks the parent has are stored as page deltas ([`crate::delta`]): the pages
-//! whose `pd_lsn` is at or after the parent's start LSN, plus new, zero and insane pages and
-//! every page past the parent's length. Every other file is stored whole when its content differs
-//! from the parent's (SHA-256), else its record refers to the backup that holds the bytes.
+//! Relation main forks the parent has are stored as page deltas ([`crate::delta`]). Which pages
+//! changed comes from the changed-block map ([`crate::blockmap`]) when pgkeep's WAL archive
+//! covers the interval from the parent's start to this backup's: only the listed blocks and the
+//! blocks past the parent's length are read, and a file with neither is not read at all. Without
+//! a map (`--scan`, or a map that cannot be trusted) every page is read, and stored when its
+//! `pd_lsn` is at or after the parent's start LSN or it is new, zero or insane. Every other file
+//! is stored whole when its content differs from the parent's (SHA-256), else its record refers
+//! to the backup that holds the bytes.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -21,12 +26,13 @@ pub use pgkeep_catalog::BackupType;
 use pgkeep_catalog::{meta, BackupRecord, BackupStatus, Catalog, FileKind, FileRecord};
 use pgkeep_pg::{
     parse_relation_path, segment_name, verify_page, BackupLabel, ControlFile, Fork, Lsn,
-    PageHeader, PageVerdict, TimelineId, WalSegSize,
+    PageHeader, PageVerdict, RelFileLocator, TimelineId, WalSegSize,
 };
 use pgkeep_repo::{keys, put_bytes, CompressWriter, PendingObject, Storage};
 use sha2::{Digest as _, Sha256};
 
 use crate::archive::wait_for_wal;
+use crate::blockmap::{self, BlockMap, Changes, MapSource};
 use crate::chain::{Chain, ChainPages};
 use crate::check::{archive_command_ok, expected_archive_config};
 use crate::config::Config;
@@ -47,6 +53,34 @@ pub struct BackupOptions {
     pub backup_type: BackupType,
     /// Copy workers; None = the configured default.
     pub jobs: Option<usize>,
+    /// Find a diff or incr's changed pages by reading every page, not from the WAL archive.
+    pub scan: bool,
+}
+
+/// Where a diff or incr learnt which pages changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockSource {
+    /// The changed-block map, from the archived WAL between these LSNs.
+    Wal {
+        since: Lsn,
+        until: Lsn,
+        records: u64,
+    },
+    /// Every page read and its LSN compared; `reason` says why.
+    Scan { reason: String },
+}
+
+/// How a diff or incr found its changed pages, file by file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockReport {
+    pub source: BlockSource,
+    /// Relation main forks not read at all: no changed block, same length as in the parent.
+    pub files_not_read: u64,
+    /// Relation main forks of which only the changed blocks and the new tail were read.
+    pub files_by_block: u64,
+    /// Relation main forks read whole although a map was built (storage created or truncated,
+    /// a new or changed database, a file shorter than the parent's without a truncation).
+    pub files_fallen_back: u64,
 }
 
 /// A page whose checksum stayed wrong on a second read: the disk under the cluster is damaged.
@@ -65,6 +99,10 @@ pub struct BackupSummary {
     /// What the automatic `expire` after the backup removed, or why it failed (the backup
     /// stays DONE either way); None when `[retention]` sets no policy or `auto = false`.
     pub expired: Option<std::result::Result<crate::retention::RetentionReport, String>>,
+    /// How a diff or incr found its changed pages; None for a full backup.
+    pub blocks: Option<BlockReport>,
+    /// Bytes read from the data directory.
+    pub bytes_read: u64,
 }
 
 /// Name of the per-backup metadata files in the repository.
@@ -139,9 +177,10 @@ pub fn backup(
         parent.as_ref(),
         &mut record,
         jobs,
+        opts.scan,
         progress,
     ) {
-        Ok(page_failures) => {
+        Ok(copied) => {
             let elapsed = started.elapsed();
             // Still under the backup lock, so nothing can start between the two.
             let expired = (cfg.retention.auto && cfg.retention.policy.is_set()).then(|| {
@@ -150,7 +189,9 @@ pub fn backup(
             Ok(BackupSummary {
                 record,
                 elapsed,
-                page_failures,
+                page_failures: copied.page_failures,
+                blocks: copied.blocks,
+                bytes_read: copied.bytes_read,
                 expired,
             })
         }
@@ -453,8 +494,9 @@ fn run(
     parent: Option<&BackupRecord>,
     record: &mut BackupRecord,
     jobs: usize,
+    scan: bool,
     progress: &dyn Progress,
-) -> Result<Vec<PageFailure>> {
+) -> Result<Copied> {
     let seg = repo.wal_seg_size()?;
     // A backup may run for hours: no server-side timeout may end its session.
     conn.execute("SET statement_timeout = 0")?;
@@ -472,6 +514,30 @@ fn run(
         None => None,
     };
 
+    let map = match &parent {
+        None => None,
+        Some(_) if scan => Some(Err("--scan".to_string())),
+        Some(p) => {
+            let source = MapSource {
+                repo,
+                system_identifier: server.system_identifier,
+                timeline: TimelineId(timeline),
+                seg,
+                block_size: server.block_size,
+                since: p.record.start_lsn,
+                until: start_lsn,
+                status_dir: None,
+                archive_timeout: cfg.backup.archive_timeout,
+            };
+            Some(changed_blocks(
+                cfg,
+                conn,
+                primary.as_deref_mut(),
+                source,
+                progress,
+            )?)
+        }
+    };
     let entries = walk(&cfg.pg.data)?;
     let copier = Copier {
         storage: repo.storage(),
@@ -481,9 +547,12 @@ fn run(
         verify_checksums: server.data_checksums,
         start_lsn,
         parent: parent.as_ref(),
+        map: map.as_ref().and_then(|m| m.as_ref().ok()),
+        counts: Counts::default(),
         progress,
     };
-    let copied = copier.copy_all(&entries, jobs)?;
+    let mut copied = copier.copy_all(&entries, jobs)?;
+    copied.blocks = map.as_ref().map(|m| copier.counts.report(m));
 
     let stop = stop_backup(conn)?;
     if let Some(primary) = primary.as_deref_mut() {
@@ -577,7 +646,42 @@ fn run(
     *record = repo
         .catalog
         .set_status(&record.label, BackupStatus::Done, None)?;
-    Ok(copied.page_failures)
+    Ok(Copied {
+        files: Vec::new(),
+        ..copied
+    })
+}
+
+/// The changed-block map from the parent's start to this backup's, or why there is none.
+///
+/// `pg_backup_start` does not switch WAL, so the segment holding the new start LSN is still
+/// being written. Reading its head from `pg_wal` would trust bytes pgkeep did not archive and a
+/// file PostgreSQL may recycle under it; instead the server (a standby's primary) switches WAL
+/// now, as the stop call would anyway, and the map is built from the archive alone once that
+/// segment arrives. Every failure to build the map falls back to the page scan.
+fn changed_blocks(
+    cfg: &Config,
+    conn: &mut PgConn,
+    primary: Option<&mut PgConn>,
+    mut source: MapSource<'_>,
+    progress: &dyn Progress,
+) -> Result<Result<BlockMap, String>> {
+    progress.start("reading WAL for the changed-block map", None);
+    match primary {
+        Some(p) => p.execute("SELECT pg_switch_wal()").with_context(|| {
+            format!(
+                "asking the primary at {} to switch WAL",
+                standby::primary_name(cfg)
+            )
+        })?,
+        None => {
+            conn.execute("SELECT pg_switch_wal()")?;
+            source.status_dir = Some(cfg.pg.data.join("pg_wal/archive_status"));
+        }
+    }
+    let map = blockmap::build(&source);
+    progress.finish();
+    map
 }
 
 /// The length of the cluster file a record describes. For a page-delta record `size` is the
@@ -764,12 +868,51 @@ struct Copier<'a> {
     start_lsn: Lsn,
     /// The backup a diff or incr builds on; None for a full backup.
     parent: Option<&'a Parent>,
+    /// Changed blocks since the parent; None: find them by reading every page.
+    map: Option<&'a BlockMap>,
+    counts: Counts,
     progress: &'a dyn Progress,
 }
 
 struct Copied {
     files: Vec<FileRecord>,
     page_failures: Vec<PageFailure>,
+    blocks: Option<BlockReport>,
+    bytes_read: u64,
+}
+
+/// What the workers did, counted as they go.
+#[derive(Default)]
+struct Counts {
+    not_read: AtomicU64,
+    by_block: AtomicU64,
+    fallen_back: AtomicU64,
+    bytes_read: AtomicU64,
+}
+
+impl Counts {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn report(&self, map: &Result<BlockMap, String>) -> BlockReport {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BlockReport {
+            source: match map {
+                Ok(m) => BlockSource::Wal {
+                    since: m.since,
+                    until: m.until,
+                    records: m.records,
+                },
+                Err(reason) => BlockSource::Scan {
+                    reason: reason.clone(),
+                },
+            },
+            files_not_read: get(&self.not_read),
+            files_by_block: get(&self.by_block),
+            files_fallen_back: get(&self.fallen_back),
+        }
+    }
 }
 
 /// How one file goes into a diff or incr backup.
@@ -778,8 +921,12 @@ enum Plan<'p> {
     Whole,
     /// Stored whole if its content differs from the parent's record, else referred to.
     IfChanged(&'p FileRecord),
-    /// A relation main fork the parent has: the pages changed since the parent.
+    /// A relation main fork the parent has: the pages changed since the parent, found by
+    /// reading every page.
     Pages(&'p FileRecord),
+    /// A relation main fork the parent has, with the changed-block map's blocks of its relation
+    /// (all segment files) and the number of its segment file.
+    Blocks(&'p FileRecord, &'p [u32], u32),
 }
 
 /// A file copy's outcome: its record and the pages whose checksum failed; None if the file
@@ -826,6 +973,8 @@ impl Copier<'_> {
         Ok(Copied {
             files,
             page_failures,
+            blocks: None,
+            bytes_read: self.counts.bytes_read.load(Ordering::Relaxed),
         })
     }
 
@@ -834,6 +983,7 @@ impl Copier<'_> {
             Plan::Whole => self.copy_whole(entry, buf),
             Plan::IfChanged(p) => self.copy_if_changed(entry, p, buf),
             Plan::Pages(p) => self.copy_pages(entry, p, buf),
+            Plan::Blocks(p, blocks, segno) => self.copy_blocks(entry, p, blocks, segno, buf),
         }
     }
 
@@ -849,7 +999,20 @@ impl Copier<'_> {
             // LSNs: a database directory new since the parent is copied whole.
             Some((db, _)) if !parent.dirs.contains(&db) => Plan::Whole,
             // The visibility and free space maps change without LSN bumps; init forks are small.
-            Some((_, f)) if f.fork == Fork::Main && p.n_blocks.is_some() => Plan::Pages(p),
+            Some((db, f)) if f.fork == Fork::Main && p.n_blocks.is_some() => {
+                let Some(map) = self.map else {
+                    return Plan::Pages(p);
+                };
+                let changes = RelFileLocator::of_db_dir(&db, f.relfilenode)
+                    .map_or(Changes::Scan, |rel| map.changes(rel));
+                match changes {
+                    Changes::Blocks(blocks) => Plan::Blocks(p, blocks, f.segno),
+                    Changes::Scan => {
+                        Counts::add(&self.counts.fallen_back, 1);
+                        Plan::Pages(p)
+                    }
+                }
+            }
             _ if p.sha256.is_some() => Plan::IfChanged(p),
             _ => Plan::Whole,
         }
@@ -871,7 +1034,7 @@ impl Copier<'_> {
                 .write_all(chunk)
                 .with_context(|| format!("writing {key}"))
         })?;
-        let mut rec = self.commit(entry, &key, writer, sha256)?;
+        let mut rec = self.commit(entry, &key, writer, Some(sha256))?;
         rec.n_blocks = relation.map(|_| rec.size / self.block_size as u64);
         Ok(Some((rec, failures)))
     }
@@ -961,10 +1124,132 @@ impl Copier<'_> {
         let writer = delta
             .finish(n_blocks_u32)
             .with_context(|| format!("writing {key}"))?;
-        let mut rec = self.commit(entry, &key, writer, sha256)?;
+        let mut rec = self.commit(entry, &key, writer, Some(sha256))?;
         rec.n_blocks = Some(n_blocks);
         rec.page_delta = true;
         Ok(Some((rec, failures)))
+    }
+
+    /// Store the blocks of a relation main fork the changed-block map lists, and every block
+    /// past the parent's length; refer to the parent's record when there are none and the
+    /// length is unchanged, without reading the file at all.
+    ///
+    /// A file read only in part has no SHA-256 (`restore --delta` rewrites it); a file not read
+    /// keeps the parent's, which is the hash of the bytes its chain restores. A file shorter
+    /// than the parent's copy with no truncation in the WAL is not what the map describes: it
+    /// is read whole, page by page.
+    fn copy_blocks(
+        &self,
+        entry: &Entry,
+        p: &FileRecord,
+        blocks: &[u32],
+        segno: u32,
+        buf: &mut [u8],
+    ) -> CopyResult {
+        let bs = self.block_size;
+        let per_file = u64::from(self.blocks_per_segment);
+        let first = u64::from(segno) * per_file;
+        let listed: Vec<u64> = blocks
+            .iter()
+            .map(|&b| u64::from(b))
+            .filter(|b| (first..first + per_file).contains(b))
+            .map(|b| b - first)
+            .collect();
+        let parent_size = file_size(p, bs as u32);
+        if listed.is_empty() && entry.size == parent_size {
+            Counts::add(&self.counts.not_read, 1);
+            self.progress.advance(entry.size);
+            return Ok(Some((reference(entry, p), Vec::new())));
+        }
+        let Some(file) = open(entry)? else {
+            return Ok(None);
+        };
+        let size = file
+            .metadata()
+            .with_context(|| format!("reading {}", entry.abs.display()))?
+            .len();
+        if size < parent_size {
+            Counts::add(&self.counts.fallen_back, 1);
+            return self.copy_pages(entry, p, buf);
+        }
+        Counts::add(&self.counts.by_block, 1);
+        let parent = self
+            .parent
+            .ok_or_else(|| anyhow!("{} has no parent backup to compare with", entry.rel))?;
+        let parent_blocks = parent_size / bs as u64;
+        let n_blocks = size.div_ceil(bs as u64);
+        let key = keys::backup_file(self.label, &entry.rel);
+        let mut delta: Option<DeltaObject> = None;
+        let mut failures = Vec::new();
+        let mut older = OlderPages::new(self.storage, parent, bs);
+        let page = buf
+            .get_mut(..bs)
+            .ok_or_else(|| anyhow!("block size {bs} is too large for the copy buffer"))?;
+        let changed = listed
+            .into_iter()
+            .filter(|&b| b < parent_blocks.min(n_blocks));
+        for block in changed.chain(parent_blocks..n_blocks) {
+            if !self.read_page(&file, entry, block, page, &mut failures)? {
+                break; // the file shrank under us: WAL replay truncates it again
+            }
+            let base = match block < parent_blocks {
+                true => Some(older.page(p, block)?),
+                false => None,
+            };
+            self.delta_page(&mut delta, &key, block, page, base)?;
+        }
+        self.progress.advance(size);
+        let delta = match delta {
+            Some(d) => d,
+            None if size == parent_size => return Ok(Some((reference(entry, p), failures))),
+            None => new_delta(self.storage, &key, bs)?,
+        };
+        let n_blocks_u32 = u32::try_from(n_blocks).map_err(|_| {
+            anyhow!(
+                "{} has {n_blocks} blocks, too many for one relation segment file",
+                entry.rel
+            )
+        })?;
+        let writer = delta
+            .finish(n_blocks_u32)
+            .with_context(|| format!("writing {key}"))?;
+        let mut rec = self.commit(entry, &key, writer, None)?;
+        rec.n_blocks = Some(n_blocks);
+        rec.page_delta = true;
+        Ok(Some((rec, failures)))
+    }
+
+    /// Read block `block` of `file` into `page` (zero-padded when the file ends inside it, as
+    /// a file being extended can) and verify its checksum; false when the file ends before it.
+    fn read_page(
+        &self,
+        file: &File,
+        entry: &Entry,
+        block: u64,
+        page: &mut [u8],
+        failures: &mut Vec<PageFailure>,
+    ) -> Result<bool> {
+        let offset = block * page.len() as u64;
+        let mut n = 0;
+        while n < page.len() {
+            match file.read_at(&mut page[n..], offset + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading {}", entry.abs.display()))
+                }
+            }
+        }
+        Counts::add(&self.counts.bytes_read, n as u64);
+        if n == 0 {
+            return Ok(false);
+        }
+        page[n..].fill(0);
+        if let Some(first_block) = self.page_check(entry) {
+            self.check_pages(file, &entry.rel, page, offset, first_block, failures);
+        }
+        Ok(true)
     }
 
     /// Complete a stored object and describe it: `size` and `crc32c` are those of the raw
@@ -974,7 +1259,7 @@ impl Copier<'_> {
         entry: &Entry,
         key: &str,
         writer: CompressWriter<Box<dyn PendingObject>>,
-        sha256: [u8; 32],
+        sha256: Option<[u8; 32]>,
     ) -> Result<FileRecord> {
         let (digest, stored_size, object) =
             writer.finish().with_context(|| format!("writing {key}"))?;
@@ -982,7 +1267,7 @@ impl Copier<'_> {
         let mut rec = record_of(entry, Some(self.label));
         rec.size = digest.size;
         rec.crc32c = Some(digest.crc32c);
-        rec.sha256 = Some(sha256);
+        rec.sha256 = sha256;
         rec.stored_size = stored_size;
         Ok(rec)
     }
@@ -1100,6 +1385,7 @@ impl Copier<'_> {
         failures: &mut Vec<PageFailure>,
     ) -> Result<usize> {
         let n = read_full(file, buf).with_context(|| format!("reading {}", entry.abs.display()))?;
+        Counts::add(&self.counts.bytes_read, n as u64);
         if let Some(first_block) = first_block {
             self.check_pages(
                 file,

@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod backup;
+pub(crate) mod blockmap;
 pub(crate) mod chain;
 pub mod check;
 pub mod config;

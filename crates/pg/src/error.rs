@@ -1,5 +1,7 @@
 //! The one error type of this crate: what was wrong with the bytes or text a parser was handed.
 
+use crate::lsn::Lsn;
+
 /// Why a PostgreSQL file, name or value could not be read.
 ///
 /// Messages start lower-case and name the object, so callers can wrap them
@@ -63,6 +65,18 @@ pub enum FormatError {
         line: usize,
         reason: String,
     },
+
+    /// A WAL record PostgreSQL's own reader would refuse, or one this crate cannot decode.
+    #[error("invalid WAL record at {lsn}: {reason}")]
+    InvalidWalRecord { lsn: Lsn, reason: String },
+
+    /// A WAL page whose header does not fit the stream it is read in.
+    #[error("invalid WAL page at {lsn}: {reason}")]
+    InvalidWalPage { lsn: Lsn, reason: String },
+
+    /// Zeros where a record should start: the WAL written so far ends here.
+    #[error("no WAL record at {lsn}: the WAL written so far ends there")]
+    EndOfWal { lsn: Lsn },
 
     /// A `backup_label` without a line PostgreSQL always writes.
     #[error("backup_label has no {0:?} line")]

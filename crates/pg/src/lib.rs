@@ -1,7 +1,7 @@
 //! PostgreSQL's on-disk formats as pgkeep needs them, for PostgreSQL 12 to 18:
 //! LSNs and timelines, WAL segment sizes and file names, the long header of a
 //! WAL segment, timeline history files, `pg_control`, data page headers and
-//! checksums, `backup_label`, and the rules for which files of a data
+//! checksums, WAL records and their block references, `backup_label`, and the rules for which files of a data
 //! directory a backup skips. Every
 //! function here is pure: parsers take the bytes or text they are handed,
 //! never touch files or the network, and return a [`FormatError`] that names
@@ -15,6 +15,7 @@ pub mod label;
 pub mod lsn;
 pub mod page;
 pub mod wal;
+pub mod walrecord;
 
 mod bytes;
 
@@ -33,4 +34,9 @@ pub use page::{
 pub use wal::{
     parse_segment_header, pg_major_for_wal_magic, segment_name, SegmentHeader, TimelineId,
     WalFileName, WalSegSize, SEGMENT_HEADER_SIZE,
+};
+pub use walrecord::{
+    decode_record, fork_from_number, rel_file_locator_at, BlockImage, BlockRef, ImageCompression,
+    RelFileLocator, SegmentEnd, WalFormat, WalRecord, WalStream, DEFAULT_TABLESPACE_OID,
+    GLOBAL_TABLESPACE_OID,
 };
