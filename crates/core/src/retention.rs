@@ -522,7 +522,7 @@ fn carry_out(repo: &Repo, plan: &Plan) -> Result<()> {
 
 /// One backup's files, `backup.ini` last (so a catalog rebuilt meanwhile still sees it
 /// DELETING), its directory, then its catalog row.
-fn remove_backup(repo: &Repo, label: &str, pause: &dyn Fn()) -> Result<()> {
+fn remove_backup(repo: &Repo, label: &str, pause: &(dyn Fn() + Sync)) -> Result<()> {
     let storage = repo.storage();
     let prefix = keys::backup_prefix(label);
     let ini = keys::backup_meta(label, BACKUP_INI);
@@ -530,10 +530,18 @@ fn remove_backup(repo: &Repo, label: &str, pause: &dyn Fn()) -> Result<()> {
     // sees a backup being deleted, never one that looks DONE with files missing.
     let status = keys::backup_status_prefix(label);
     let last = |k: &String| *k == ini || k.starts_with(&status);
-    for key in storage.list(&prefix)?.iter().filter(|k| !last(k)) {
+    let files: Vec<String> = storage
+        .list(&prefix)?
+        .into_iter()
+        .filter(|k| !last(k))
+        .collect();
+    // The data files go in any order (the backup is DELETING already); two at a time, since
+    // most of a delete is waiting on the filesystem.
+    crate::parallel::for_each(&files, 2, |key, _| {
         storage.delete(key)?;
         pause();
-    }
+        Ok(())
+    })?;
     storage.delete(&ini)?;
     storage.delete_prefix(&prefix)?;
     match repo.catalog.delete_backup(label) {
