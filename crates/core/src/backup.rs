@@ -933,6 +933,15 @@ enum Plan<'p> {
 /// vanished (WAL replay recreates it if it matters).
 type CopyResult = Result<Option<(FileRecord, Vec<PageFailure>)>>;
 
+/// How a relation file's pages ended: its length read, the parent's, its blocks, and the
+/// SHA-256 of the whole file when it was read whole.
+struct DeltaEnd {
+    size: u64,
+    parent_size: u64,
+    n_blocks: u64,
+    sha256: Option<[u8; 32]>,
+}
+
 type DeltaObject = DeltaWriter<CompressWriter<Box<dyn PendingObject>>>;
 
 impl Copier<'_> {
@@ -1110,24 +1119,13 @@ impl Copier<'_> {
         );
         let (size, sha256) = scanned?;
         let n_blocks = size.div_ceil(bs as u64);
-        let delta = match delta {
-            Some(d) => d,
-            None if size == parent_size => return Ok(Some((reference(entry, p), failures))),
-            None => new_delta(self.storage, &key, bs)?,
+        let end = DeltaEnd {
+            size,
+            parent_size,
+            n_blocks,
+            sha256: Some(sha256),
         };
-        let n_blocks_u32 = u32::try_from(n_blocks).map_err(|_| {
-            anyhow!(
-                "{} has {n_blocks} blocks, too many for one relation segment file",
-                entry.rel
-            )
-        })?;
-        let writer = delta
-            .finish(n_blocks_u32)
-            .with_context(|| format!("writing {key}"))?;
-        let mut rec = self.commit(entry, &key, writer, Some(sha256))?;
-        rec.n_blocks = Some(n_blocks);
-        rec.page_delta = true;
-        Ok(Some((rec, failures)))
+        self.finish_delta(entry, p, &key, delta, end, failures)
     }
 
     /// Store the blocks of a relation main fork the changed-block map lists, and every block
@@ -1199,10 +1197,36 @@ impl Copier<'_> {
             self.delta_page(&mut delta, &key, block, page, base)?;
         }
         self.progress.advance(size);
+        let end = DeltaEnd {
+            size,
+            parent_size,
+            n_blocks,
+            sha256: None,
+        };
+        self.finish_delta(entry, p, &key, delta, end, failures)
+    }
+
+    /// Close a relation file's page delta: a reference to the parent when no page was stored
+    /// and the length is unchanged, else the committed delta object and its record.
+    fn finish_delta(
+        &self,
+        entry: &Entry,
+        p: &FileRecord,
+        key: &str,
+        delta: Option<DeltaObject>,
+        end: DeltaEnd,
+        failures: Vec<PageFailure>,
+    ) -> CopyResult {
+        let DeltaEnd {
+            size,
+            parent_size,
+            n_blocks,
+            sha256,
+        } = end;
         let delta = match delta {
             Some(d) => d,
             None if size == parent_size => return Ok(Some((reference(entry, p), failures))),
-            None => new_delta(self.storage, &key, bs)?,
+            None => new_delta(self.storage, key, self.block_size)?,
         };
         let n_blocks_u32 = u32::try_from(n_blocks).map_err(|_| {
             anyhow!(
@@ -1213,7 +1237,7 @@ impl Copier<'_> {
         let writer = delta
             .finish(n_blocks_u32)
             .with_context(|| format!("writing {key}"))?;
-        let mut rec = self.commit(entry, &key, writer, None)?;
+        let mut rec = self.commit(entry, key, writer, sha256)?;
         rec.n_blocks = Some(n_blocks);
         rec.page_delta = true;
         Ok(Some((rec, failures)))

@@ -20,21 +20,33 @@ pub fn store_status(storage: &dyn Storage, b: &BackupRecord) -> Result<()> {
     if storage.size(&ini).with_context(context)?.is_none() {
         return put_bytes(storage, &ini, meta::backup_ini(b).as_bytes()).with_context(context);
     }
-    let mut seq = newest(storage, &b.label)
+    let seq = newest(storage, &b.label)
         .with_context(context)?
         .map_or(1, |(seq, _)| seq + 1);
     let text = b.error.as_deref().unwrap_or("");
-    // Two writers may pick the same number; the loser takes the next one.
+    put_next(storage, seq, text, |seq| {
+        keys::backup_status(&b.label, seq, b.status.as_str())
+    })
+    .with_context(context)
+}
+
+/// Create the object `key(seq)` holding `text`, never replacing one: two writers may pick the
+/// same number, and the loser takes the next.
+fn put_next(
+    storage: &dyn Storage,
+    mut seq: u64,
+    text: &str,
+    key: impl Fn(u64) -> String,
+) -> Result<(), StorageError> {
     loop {
-        let key = keys::backup_status(&b.label, seq, b.status.as_str());
-        let mut object = storage.create(&key).with_context(context)?;
+        let key = key(seq);
+        let mut object = storage.create(&key)?;
         std::io::Write::write_all(&mut object, text.as_bytes())
-            .map_err(|e| StorageError::Io { key, source: e })
-            .with_context(context)?;
+            .map_err(|e| StorageError::Io { key, source: e })?;
         match object.commit_new() {
             Ok(()) => return Ok(()),
             Err(StorageError::AlreadyExists { .. }) => seq += 1,
-            Err(e) => return Err(e).with_context(context),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -67,7 +79,7 @@ pub fn store_pin(storage: &dyn Storage, b: &BackupRecord) -> Result<()> {
     let listed = storage
         .list(&keys::backup_pin_prefix(&b.label))
         .with_context(context)?;
-    let mut seq = listed
+    let seq = listed
         .iter()
         .filter_map(|k| keys::backup_pin_from_key(k).map(|(_, seq)| seq))
         .max()
@@ -76,18 +88,7 @@ pub fn store_pin(storage: &dyn Storage, b: &BackupRecord) -> Result<()> {
         .pinned
         .as_ref()
         .map_or_else(|| "none".to_string(), pin_text);
-    loop {
-        let key = keys::backup_pin(&b.label, seq);
-        let mut object = storage.create(&key).with_context(context)?;
-        std::io::Write::write_all(&mut object, text.as_bytes())
-            .map_err(|e| StorageError::Io { key, source: e })
-            .with_context(context)?;
-        match object.commit_new() {
-            Ok(()) => return Ok(()),
-            Err(StorageError::AlreadyExists { .. }) => seq += 1,
-            Err(e) => return Err(e).with_context(context),
-        }
-    }
+    put_next(storage, seq, &text, |seq| keys::backup_pin(&b.label, seq)).with_context(context)
 }
 
 /// The pin the newest pin object of backup `label` among `listed` keys records: `None` when
