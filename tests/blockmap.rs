@@ -9,22 +9,7 @@ use std::process::Stdio;
 use crate::harness::{
     corrupt_stored_object, server_major, user_command, Cluster, ClusterOptions, Run,
 };
-
-fn connect_db(cluster: &Cluster, db: &str) -> postgres::Client {
-    postgres::Config::new()
-        .host(cluster.sock.to_str().unwrap())
-        .port(cluster.port)
-        .user("postgres")
-        .dbname(db)
-        .connect(postgres::NoTls)
-        .unwrap_or_else(|e| panic!("connect to database {db}: {e}"))
-}
-
-fn execute_db(cluster: &Cluster, db: &str, sql: &str) {
-    connect_db(cluster, db)
-        .batch_execute(sql)
-        .unwrap_or_else(|e| panic!("{db}: {sql}: {e}"));
-}
+use crate::incremental::{connect_db, execute_db};
 
 fn fingerprint_db(cluster: &Cluster, db: &str, table: &str, order_by: &str) -> String {
     connect_db(cluster, db)

@@ -6,7 +6,8 @@ use serde_json::Value;
 
 use crate::harness::{Cluster, ClusterOptions, Run};
 
-fn connect_db(cluster: &Cluster, db: &str) -> postgres::Client {
+/// A connection to database `db` of the cluster.
+pub(crate) fn connect_db(cluster: &Cluster, db: &str) -> postgres::Client {
     postgres::Config::new()
         .host(cluster.sock.to_str().unwrap())
         .port(cluster.port)
@@ -25,7 +26,7 @@ fn query_db(cluster: &Cluster, db: &str, sql: &str) -> String {
 }
 
 /// Run statements in database `db`.
-fn execute_db(cluster: &Cluster, db: &str, sql: &str) {
+pub(crate) fn execute_db(cluster: &Cluster, db: &str, sql: &str) {
     connect_db(cluster, db)
         .batch_execute(sql)
         .unwrap_or_else(|e| panic!("{db}: {sql}: {e}"));
