@@ -22,8 +22,13 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Create the repository and catalog for the configured cluster.
-    Init,
+    /// Create the repository and catalog for the configured cluster (every configured
+    /// repository, or only --repo N).
+    Init {
+        /// Only repository N (1..N, [[repo]] entries in file order) [default: every repository].
+        #[arg(long, value_name = "N")]
+        repo: Option<usize>,
+    },
     /// Archive one WAL file: archive_command = 'pgkeep --config FILE archive-push %p'.
     ArchivePush {
         /// Path of the file, relative to the data directory as PostgreSQL passes it.
@@ -36,7 +41,7 @@ pub enum Command {
         /// Where to write it.
         dest_path: PathBuf,
     },
-    /// Check config, connection, WAL settings and that archiving reaches the repository.
+    /// Check config, connection, WAL settings and that archiving reaches every repository.
     Check,
     /// Take a backup of the running cluster.
     Backup {
@@ -49,6 +54,9 @@ pub enum Command {
         /// diff/incr: find changed pages by reading every page instead of from the archived WAL.
         #[arg(long)]
         scan: bool,
+        /// Repository number (1..N, [[repo]] entries in file order) [default: 1].
+        #[arg(long, value_name = "N")]
+        repo: Option<usize>,
     },
     /// Rebuild a data directory from a backup and set up point-in-time recovery, or a replica.
     // Boxed: its many flags would make every other command's value as large.
@@ -57,6 +65,9 @@ pub enum Command {
     Show {
         /// Only this backup.
         label: Option<String>,
+        /// Only repository N (1..N, [[repo]] entries in file order) [default: every repository].
+        #[arg(long, value_name = "N")]
+        repo: Option<usize>,
         /// Print `{"backups": [...]}` as JSON.
         #[arg(long)]
         json: bool,
@@ -69,6 +80,9 @@ pub enum Command {
         /// Parallel readers [default: [backup] jobs, else one per core].
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
+        /// Only repository N (1..N, [[repo]] entries in file order) [default: every repository].
+        #[arg(long, value_name = "N")]
+        repo: Option<usize>,
     },
     /// Apply [retention]: remove the backups and archived WAL it does not keep (also runs after
     /// every successful backup unless `auto = false`), and finish interrupted deletions.
@@ -76,6 +90,9 @@ pub enum Command {
         /// Only print what would be removed; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Only repository N (1..N, [[repo]] entries in file order) [default: every repository].
+        #[arg(long, value_name = "N")]
+        repo: Option<usize>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -86,6 +103,9 @@ pub enum Command {
         /// Also when the backup is pinned or the last one that restores to the newest point.
         #[arg(long)]
         force: bool,
+        /// Repository number (1..N, [[repo]] entries in file order) [default: 1].
+        #[arg(long, value_name = "N")]
+        repo: Option<usize>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -97,9 +117,17 @@ pub enum Command {
         /// offset, local time) [default: until `pgkeep unpin`].
         #[arg(long, value_name = "DATE")]
         until: Option<String>,
+        /// Repository number (1..N, [[repo]] entries in file order) [default: 1].
+        #[arg(long, value_name = "N")]
+        repo: Option<usize>,
     },
     /// Let [retention] decide about a pinned backup again.
-    Unpin { label: String },
+    Unpin {
+        label: String,
+        /// Repository number (1..N, [[repo]] entries in file order) [default: 1].
+        #[arg(long, value_name = "N")]
+        repo: Option<usize>,
+    },
     /// Restore a backup into a private sandbox, start it, replay the archive, check pages and
     /// tables, report RTO and RPO, then remove the sandbox. Exits 3 when the drill fails.
     Drill {
@@ -118,6 +146,9 @@ pub enum Command {
         /// Leave the sandbox (stopped) in place and print its path.
         #[arg(long)]
         keep: bool,
+        /// Repository number (1..N, [[repo]] entries in file order) [default: 1].
+        #[arg(long, value_name = "N")]
+        repo: Option<usize>,
     },
     /// Catalog maintenance.
     Catalog {
@@ -130,7 +161,11 @@ pub enum Command {
 pub enum CatalogCommand {
     /// Rebuild the catalog from the repository alone (each backup's backup.ini and manifest,
     /// and the WAL archive), creating it if it is missing.
-    Rebuild,
+    Rebuild {
+            /// Only repository N (1..N, [[repo]] entries in file order) [default: every repository].
+            #[arg(long, value_name = "N")]
+            repo: Option<usize>,
+    },
 }
 
 /// Raw restore flags; `options::restore_options` validates them.
@@ -143,6 +178,10 @@ pub struct RestoreArgs {
     /// Backup to restore [default: the newest one that can reach the target].
     #[arg(long, value_name = "LABEL")]
     pub backup: Option<String>,
+    /// Restore from repository N (1..N, [[repo]] entries in file order) [default: the first
+    /// repository, in order, holding a backup that can reach the target].
+    #[arg(long, value_name = "N")]
+    pub repo: Option<usize>,
     /// Recover up to this time: RFC 3339 or "YYYY-MM-DD HH:MM:SS[.ffffff][+HH:MM]"; without an offset, local time.
     #[arg(long, value_name = "TS")]
     pub target_time: Option<String>,

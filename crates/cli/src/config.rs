@@ -25,10 +25,11 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The file's tables; `R` is one `[repo]` table or the `[[repo]]` entries.
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct File {
-    repo: RepoSection,
+struct File<R> {
+    repo: R,
     pg: ServerSection,
     primary: Option<ServerSection>,
     #[serde(default)]
@@ -153,7 +154,85 @@ pub fn load(flag: Option<&Path>) -> Result<Config, ConfigError> {
 }
 
 fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    let file: File = toml::from_str(text).map_err(|e| {
+    let (one, many) = repo_headers(text);
+    if one && many {
+        return Err(ConfigError(format!(
+            "config file {}: both [repo] and [[repo]]: write every repository as a [[repo]] entry (repo1, repo2, ... in file order)",
+            path.display()
+        )));
+    }
+    if many {
+        let file: File<Vec<RepoSection>> = parse_toml(text, path)?;
+        let File {
+            repo,
+            pg,
+            primary,
+            backup,
+            archive,
+            retention,
+            drill,
+        } = file;
+        let sections = repo
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (format!("[[repo]] entry {} (repo{})", i + 1, i + 1), r))
+            .collect();
+        finish(
+            File {
+                repo: sections,
+                pg,
+                primary,
+                backup,
+                archive,
+                retention,
+                drill,
+            },
+            path,
+        )
+    } else {
+        let file: File<RepoSection> = parse_toml(text, path)?;
+        let File {
+            repo,
+            pg,
+            primary,
+            backup,
+            archive,
+            retention,
+            drill,
+        } = file;
+        finish(
+            File {
+                repo: vec![("[repo]".to_string(), repo)],
+                pg,
+                primary,
+                backup,
+                archive,
+                retention,
+                drill,
+            },
+            path,
+        )
+    }
+}
+
+/// Whether the text has a `[repo]` header and whether it has a `[[repo]]` one. TOML itself
+/// refuses the mix with a message about a duplicate key; this says what to write instead.
+fn repo_headers(text: &str) -> (bool, bool) {
+    let mut found = (false, false);
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        let compact: String = line.chars().filter(|c| !c.is_whitespace()).collect();
+        match compact.as_str() {
+            "[repo]" => found.0 = true,
+            "[[repo]]" => found.1 = true,
+            _ => {}
+        }
+    }
+    found
+}
+
+fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
         let line = e
             .span()
             .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
@@ -163,7 +242,12 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             path.display(),
             e.message().trim()
         ))
-    })?;
+    })
+}
+
+/// Validate the parsed tables; `file.repo` holds each repository's table with how messages
+/// name it.
+fn finish(file: File<Vec<(String, RepoSection)>>, path: &Path) -> Result<Config, ConfigError> {
     let absolute = |p: &Path, key: &str| -> Result<(), ConfigError> {
         if p.is_absolute() {
             Ok(())
@@ -195,7 +279,27 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         }
     }
     absolute(&data, "[pg] data")?;
-    let repo = repo_config(file.repo, path, &absolute)?;
+    let mut repos: Vec<RepoConfig> = Vec::new();
+    for (i, (section, r)) in file.repo.into_iter().enumerate() {
+        let mut repo = repo_config(r, &section, path, &absolute)?;
+        repo.number = i + 1;
+        if let Some(other) = repos.iter().find(|o| o.catalog == repo.catalog) {
+            return Err(ConfigError(format!(
+                "config file {}: repo{} and repo{} are the same repository (catalog {}): give each [[repo]] entry its own path or catalog",
+                path.display(),
+                other.number,
+                repo.number,
+                repo.catalog.display()
+            )));
+        }
+        repos.push(repo);
+    }
+    let Some(repo) = repos.first().cloned() else {
+        return Err(ConfigError(format!(
+            "config file {}: no repository: add a [repo] table",
+            path.display()
+        )));
+    };
     if let Some(bin) = &file.pg.bin {
         absolute(bin, "[pg] bin")?;
     }
@@ -256,6 +360,7 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     Ok(Config {
         config_path: path.to_path_buf(),
         repo,
+        repos,
         pg: PgConfig {
             data,
             host: file.pg.host,
@@ -298,6 +403,7 @@ fn parse_duration(text: &str) -> Option<Duration> {
 /// The `[repo]` table as a validated `RepoConfig`; S3 credentials fall back to the environment.
 fn repo_config(
     r: RepoSection,
+    section: &str,
     path: &Path,
     absolute: &dyn Fn(&Path, &str) -> Result<(), ConfigError>,
 ) -> Result<RepoConfig, ConfigError> {
@@ -316,33 +422,32 @@ fn repo_config(
         ];
         if let Some((key, _)) = s3_only.iter().find(|(_, set)| *set) {
             return Err(err(format!(
-                "[repo] {key} is only for type = \"s3\"; add it or remove the key"
+                "{section} {key} is only for type = \"s3\"; add it or remove the key"
             )));
         }
         let repo_path = r
             .path
-            .ok_or_else(|| err("[repo] needs path (or type = \"s3\" and its keys)".into()))?;
-        absolute(&repo_path, "[repo] path")?;
+            .ok_or_else(|| err(format!("{section} needs path (or type = \"s3\" and its keys)")))?;
+        absolute(&repo_path, &format!("{section} path"))?;
         return Ok(RepoConfig::local(repo_path));
     }
     if r.path.is_some() {
-        return Err(err(
-            "[repo] path is for a local repository; an s3 one keeps its index at catalog".into(),
-        ));
+        return Err(err(format!("{section} path is for a local repository; an s3 one keeps its index at catalog")));
     }
     let need = |v: Option<String>, key: &str| {
         v.filter(|s| !s.trim().is_empty())
-            .ok_or_else(|| err(format!("[repo] type = \"s3\" needs {key}")))
+            .ok_or_else(|| err(format!("{section} type = \"s3\" needs {key}")))
     };
     let endpoint = need(r.endpoint, "endpoint")?;
-    check_endpoint(&endpoint).map_err(err)?;
+    check_endpoint(&endpoint)
+        .map_err(|e| err(e.replacen("[repo]", section, 1)))?;
     let bucket = need(r.bucket, "bucket")?;
     let catalog = r.catalog.ok_or_else(|| {
-        err("[repo] type = \"s3\" needs catalog, the path of its local index".into())
+        err(format!("{section} type = \"s3\" needs catalog, the path of its local index"))
     })?;
-    absolute(&catalog, "[repo] catalog")?;
+    absolute(&catalog, &format!("{section} catalog"))?;
     if let Some(ca) = &r.ca_file {
-        absolute(ca, "[repo] ca-file")?;
+        absolute(ca, &format!("{section} ca-file"))?;
     }
     let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let access_key_id = r.access_key_id.or_else(|| from_env("AWS_ACCESS_KEY_ID"));
@@ -350,18 +455,16 @@ fn repo_config(
         .secret_access_key
         .or_else(|| from_env("AWS_SECRET_ACCESS_KEY"));
     let (Some(access_key_id), Some(secret_access_key)) = (access_key_id, secret_access_key) else {
-        return Err(err(
-            "[repo] type = \"s3\" needs access-key-id and secret-access-key (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment)".into(),
-        ));
+        return Err(err(format!("{section} type = \"s3\" needs access-key-id and secret-access-key (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment)")));
     };
     let prefix = r.prefix.unwrap_or_default();
     let prefix = prefix.trim_matches('/').to_string();
     if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
-        return Err(err(format!(
-            "[repo] prefix {prefix:?} is not a plain key prefix"
+        return Err(err(format!("{section} prefix {prefix:?} is not a plain key prefix"
         )));
     }
     Ok(RepoConfig {
+        number: 1,
         storage: RepoStorage::S3(S3Config {
             endpoint,
             bucket,

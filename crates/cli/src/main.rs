@@ -5,6 +5,7 @@ mod config;
 mod options;
 mod output;
 mod progress;
+mod repos;
 
 use std::process::ExitCode;
 
@@ -128,21 +129,24 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
     }
     let cfg = config::load(args.config.as_deref())?;
     match args.command {
-        Command::Init => {
-            let r = pgkeep_core::init::init(&cfg)?;
-            let verb = if r.created {
-                "created"
-            } else {
-                "already initialised"
-            };
-            println!(
-                "repository {} {verb} for system identifier {} (PostgreSQL {}, block size {}, WAL segment size {})",
-                r.repo,
-                r.identity.system_identifier,
-                r.identity.pg_major,
-                r.identity.block_size,
-                r.identity.wal_segment_size
-            );
+        Command::Init { repo } => {
+            for c in repos::every(&cfg, repo)? {
+                let r = repos::in_repo(&c, pgkeep_core::init::init(&c))?;
+                let verb = if r.created {
+                    "created"
+                } else {
+                    "already initialised"
+                };
+                println!(
+                    "{}repository {} {verb} for system identifier {} (PostgreSQL {}, block size {}, WAL segment size {})",
+                    repos::prefix(&c),
+                    r.repo,
+                    r.identity.system_identifier,
+                    r.identity.pg_major,
+                    r.identity.block_size,
+                    r.identity.wal_segment_size
+                );
+            }
         }
         Command::ArchivePush { wal_path } => {
             pgkeep_core::archive::archive_push(&cfg, &wal_path)?;
@@ -151,7 +155,10 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
             wal_name,
             dest_path,
         } => {
-            pgkeep_core::archive::archive_get(&cfg, &wal_name, &dest_path)?;
+            let report = pgkeep_core::archive::archive_get(&cfg, &wal_name, &dest_path)?;
+            for w in &report.warnings {
+                eprintln!("pgkeep: warning: archive-get {wal_name}: {}", one_line(w));
+            }
         }
         Command::Check => {
             let lines = pgkeep_core::check::check(&cfg)?;
@@ -174,7 +181,9 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
             backup_type,
             jobs,
             scan,
+            repo,
         } => {
+            let cfg = repos::one(&cfg, repo)?;
             let backup_type = match backup_type {
                 args::TypeArg::Full => pgkeep_core::backup::BackupType::Full,
                 args::TypeArg::Diff => pgkeep_core::backup::BackupType::Diff,
@@ -187,6 +196,9 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
             };
             let progress = progress::CliProgress::new();
             let s = pgkeep_core::backup::backup(&cfg, &opts, &progress)?;
+            if cfg.several_repos() {
+                println!("repository {}", cfg.repo.title());
+            }
             output::print_backup_summary(&s);
             match &s.expired {
                 Some(Ok(report)) => output::print_retention_report(report),
@@ -199,25 +211,44 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Restore(raw) => {
+            if let Some(n) = raw.repo {
+                repos::one(&cfg, Some(n))?;
+            }
             let opts = options::restore_options(*raw)?;
             let progress = progress::CliProgress::new();
             let s = pgkeep_core::restore::restore(&cfg, &opts, &progress)?;
+            if cfg.several_repos() {
+                println!("restoring from {}", s.repo);
+            }
             output::print_restore_summary(&s, &opts);
         }
-        Command::Show { label, json } => {
-            let listing = pgkeep_core::show::show(&cfg, label.as_deref())?;
-            if json {
-                println!("{}", pgkeep_core::show::backups_json(&listing));
-            } else {
-                output::print_backups(&listing);
+        Command::Show { label, json, repo } => {
+            if !cfg.several_repos() {
+                let listing = pgkeep_core::show::show(&cfg, label.as_deref())?;
+                if json {
+                    println!("{}", pgkeep_core::show::backups_json(&listing));
+                } else {
+                    output::print_backups(&listing);
+                }
+                return Ok(ExitCode::SUCCESS);
             }
+            repos::show(&cfg, repo, label.as_deref(), json)?;
         }
-        Command::Validate { label, jobs } => {
+        Command::Validate { label, jobs, repo } => {
             let opts = pgkeep_core::validate::ValidateOptions { label, jobs };
             let progress = progress::CliProgress::new();
-            let report = pgkeep_core::validate::validate(&cfg, &opts, &progress)?;
-            output::print_validate_report(&report);
-            let problems = report.problems();
+            let mut problems = 0;
+            for c in repos::every(&cfg, repo)? {
+                if cfg.several_repos() {
+                    println!("{}:", c.repo.title());
+                }
+                let report = repos::in_repo(
+                    &c,
+                    pgkeep_core::validate::validate(&c, &opts, &progress),
+                )?;
+                output::print_validate_report(&report);
+                problems += report.problems();
+            }
             if problems > 0 {
                 eprintln!(
                     "pgkeep: error: validate found {problems} problem(s): see the lines above"
@@ -225,15 +256,30 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(exit::FOUND_PROBLEMS));
             }
         }
-        Command::Expire { dry_run, json } => {
-            let report = pgkeep_core::retention::expire(&cfg, dry_run)?;
-            output::print_retention(&report, json);
+        Command::Expire {
+            dry_run,
+            json,
+            repo,
+        } => {
+            if !cfg.several_repos() {
+                let report = pgkeep_core::retention::expire(&cfg, dry_run)?;
+                output::print_retention(&report, json);
+                return Ok(ExitCode::SUCCESS);
+            }
+            repos::expire(&cfg, repo, dry_run, json)?;
         }
-        Command::Delete { label, force, json } => {
+        Command::Delete {
+            label,
+            force,
+            json,
+            repo,
+        } => {
+            let cfg = repos::one(&cfg, repo)?;
             let report = pgkeep_core::retention::delete(&cfg, &label, force)?;
             output::print_retention(&report, json);
         }
-        Command::Pin { label, until } => {
+        Command::Pin { label, until, repo } => {
+            let cfg = repos::one(&cfg, repo)?;
             let pin = match until {
                 Some(t) => pgkeep_core::show::Pin::Until(options::pin_until(&t)?),
                 None => pgkeep_core::show::Pin::Forever,
@@ -245,7 +291,8 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
                 pgkeep_core::retention::pin_text(b.pinned)
             );
         }
-        Command::Unpin { label } => {
+        Command::Unpin { label, repo } => {
+            let cfg = repos::one(&cfg, repo)?;
             let b = pgkeep_core::retention::pin(&cfg, &label, None)?;
             println!("backup {} unpinned", b.label);
         }
@@ -255,7 +302,9 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
             jobs,
             json,
             keep,
+            repo,
         } => {
+            let cfg = repos::one(&cfg, repo)?;
             let opts = pgkeep_core::drill::DrillOptions {
                 backup,
                 target_time: target_time
@@ -282,11 +331,16 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Catalog {
-            command: args::CatalogCommand::Rebuild,
+            command: args::CatalogCommand::Rebuild { repo },
         } => {
             let progress = progress::CliProgress::new();
-            let report = pgkeep_core::rebuild::rebuild(&cfg, &progress)?;
-            output::print_rebuild_report(&report);
+            for c in repos::every(&cfg, repo)? {
+                if cfg.several_repos() {
+                    println!("{}:", c.repo.title());
+                }
+                let report = repos::in_repo(&c, pgkeep_core::rebuild::rebuild(&c, &progress))?;
+                output::print_rebuild_report(&report);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

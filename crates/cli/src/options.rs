@@ -102,6 +102,7 @@ pub fn restore_options(raw: RestoreArgs) -> Result<RestoreOptions, ConfigError> 
         standby: raw.standby.then_some(StandbyOptions {
             primary_conninfo: raw.primary_conninfo,
         }),
+        repo: raw.repo,
     })
 }
 

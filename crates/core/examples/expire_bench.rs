@@ -141,6 +141,7 @@ fn config(root: &Path, dir: &Path) -> Config {
     Config {
         config_path: dir.join("pgkeep.toml"),
         repo: RepoConfig::local(root.to_path_buf()),
+        repos: vec![RepoConfig::local(root.to_path_buf())],
         pg: PgConfig {
             data: dir.join("data"),
             host: "/tmp".into(),

@@ -33,12 +33,71 @@ pub enum PushOutcome {
     AlreadyArchived,
 }
 
-/// Archive one WAL, history, backup-history or partial file.
+/// Archive one WAL, history, backup-history or partial file into every configured repository.
+///
+/// Ok only when each repository holds the file durably (stored now, or already holding the same
+/// bytes); the repositories are written at the same time, and a failure in one does not stop
+/// the others, so a retry by PostgreSQL finds the file in them and only redoes the failed one.
+/// The error names each repository that failed. `Stored` when any repository stored it now.
+/// This is the one place a segment is acknowledged: whatever pushes segments calls it.
+pub fn archive_push(cfg: &Config, wal_path: &Path) -> Result<PushOutcome> {
+    if !cfg.several_repos() {
+        return push_to_repo(cfg, wal_path);
+    }
+    let configs: Vec<Config> = (1..=cfg.repos.len())
+        .filter_map(|n| cfg.with_repo(n))
+        .collect();
+    let results: Vec<Result<PushOutcome>> = std::thread::scope(|scope| {
+        let pushes: Vec<_> = configs
+            .iter()
+            .map(|c| scope.spawn(move || push_to_repo(c, wal_path)))
+            .collect();
+        pushes
+            .into_iter()
+            .map(|p| {
+                p.join()
+                    .unwrap_or_else(|_| Err(anyhow!("the push into this repository panicked")))
+            })
+            .collect()
+    });
+    let mut failed = Vec::new();
+    let mut held = Vec::new();
+    let mut outcome = PushOutcome::AlreadyArchived;
+    for (c, result) in configs.iter().zip(results) {
+        match result {
+            Ok(o) => {
+                held.push(format!("repo{}", c.repo.number));
+                if matches!(o, PushOutcome::Stored { .. }) {
+                    outcome = o;
+                }
+            }
+            Err(e) => failed.push(format!("{}: {e:#}", c.repo.title())),
+        }
+    }
+    if failed.is_empty() {
+        return Ok(outcome);
+    }
+    let name = wal_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| wal_path.display().to_string());
+    let held = if held.is_empty() {
+        "no repository holds it".to_string()
+    } else {
+        format!("held by {}", held.join(", "))
+    };
+    bail!(
+        "{name} not archived in every repository ({held}): {}: PostgreSQL retries the file; fix the repository named",
+        failed.join("; ")
+    )
+}
+
+/// Archive one file into the repository `cfg.repo`.
 ///
 /// The file is streamed through `store_compressed`: two threads, one computing SHA-256 and
 /// CRC-32C in order while both share the lz4 work, so a 16 MiB segment takes about half its
 /// checksum-plus-compress time and never sits whole in memory.
-pub fn archive_push(cfg: &Config, wal_path: &Path) -> Result<PushOutcome> {
+fn push_to_repo(cfg: &Config, wal_path: &Path) -> Result<PushOutcome> {
     let repo = Repo::open(cfg)?;
     let seg = repo.wal_seg_size()?;
     let file_name = wal_path
@@ -238,8 +297,56 @@ pub(crate) fn wal_kind(name: &WalFileName) -> WalKind {
     }
 }
 
+/// What `archive-get` did: the repository that served the file and, when an earlier one
+/// held a copy it could not serve, one warning per such repository.
+#[derive(Debug, Default)]
+pub struct GetReport {
+    pub served_by: usize,
+    pub warnings: Vec<String>,
+}
+
 /// Restore one archived file to `dest` (written under a temporary name, verified, renamed).
-pub fn archive_get(cfg: &Config, name: &str, dest: &Path) -> Result<()> {
+///
+/// Repositories are tried in file order; the first that holds a valid copy serves it. A copy
+/// that is missing or damaged in one repository while a later one serves it is a warning; the
+/// file is "not in the archive" ([`Outcome::NotInArchive`]) only when every repository answered
+/// that it does not hold the name, and any other failure is an error naming each repository.
+pub fn archive_get(cfg: &Config, name: &str, dest: &Path) -> Result<GetReport> {
+    if !cfg.several_repos() {
+        get_from_repo(cfg, name, dest)?;
+        return Ok(GetReport {
+            served_by: cfg.repo.number,
+            warnings: Vec::new(),
+        });
+    }
+    let mut failures = Vec::new();
+    for c in (1..=cfg.repos.len()).filter_map(|n| cfg.with_repo(n)) {
+        match get_from_repo(&c, name, dest) {
+            Ok(()) => {
+                let warnings = failures
+                    .iter()
+                    .map(|f| format!("{f}; served from {} instead", c.repo.title()))
+                    .collect();
+                return Ok(GetReport {
+                    served_by: c.repo.number,
+                    warnings,
+                });
+            }
+            Err(e) if matches!(e.downcast_ref(), Some(Outcome::NotInArchive(_))) => {}
+            Err(e) => failures.push(format!("{}: {e:#}", c.repo.title())),
+        }
+    }
+    if failures.is_empty() {
+        return Err(Outcome::NotInArchive(name.to_string()).into());
+    }
+    bail!(
+        "no repository could serve it: {}",
+        failures.join("; ")
+    )
+}
+
+/// Restore one archived file from the repository `cfg.repo`.
+fn get_from_repo(cfg: &Config, name: &str, dest: &Path) -> Result<()> {
     let repo = Repo::open(cfg)?;
     let seg = repo.wal_seg_size()?;
     if WalFileName::parse(name, seg).is_err() {

@@ -12,7 +12,10 @@ pub struct Config {
     /// Absolute path of the config file this came from; written into `restore_command` and
     /// compared with `archive_command` by `check`.
     pub config_path: PathBuf,
+    /// The repository this command works on: the one `--repo N` names, else the first.
     pub repo: RepoConfig,
+    /// Every configured repository in file order (repo1, repo2, ...); `repo` is one of them.
+    pub repos: Vec<RepoConfig>,
     pub pg: PgConfig,
     /// The primary `[pg]` streams from; needed only when `[pg]` is a standby.
     pub primary: Option<PrimaryConfig>,
@@ -42,6 +45,23 @@ pub struct Policy {
     pub diff: Option<u32>,
 }
 
+impl Config {
+    /// The same config working on repository `number` (1-based, as `--repo N` counts), or None
+    /// when there is no such repository.
+    pub fn with_repo(&self, number: usize) -> Option<Config> {
+        let repo = self.repos.get(number.checked_sub(1)?)?.clone();
+        Some(Config {
+            repo,
+            ..self.clone()
+        })
+    }
+
+    /// True when more than one repository is configured: messages then say which one.
+    pub fn several_repos(&self) -> bool {
+        self.repos.len() > 1
+    }
+}
+
 impl Policy {
     /// Whether any part of the policy is set.
     pub fn is_set(&self) -> bool {
@@ -52,6 +72,8 @@ impl Policy {
 /// Where the repository's objects live and where its local catalog is.
 #[derive(Clone, Debug)]
 pub struct RepoConfig {
+    /// 1-based position in the config file (`repo1`, `repo2`, ... as pgBackRest counts).
+    pub number: usize,
     pub storage: RepoStorage,
     /// The SQLite catalog: `catalog.db` inside a local repository, the `catalog` key for S3.
     pub catalog: PathBuf,
@@ -69,6 +91,7 @@ impl RepoConfig {
     /// A repository in directory `path`, its catalog inside it.
     pub fn local(path: PathBuf) -> RepoConfig {
         RepoConfig {
+            number: 1,
             catalog: path.join(keys::CATALOG_FILE),
             storage: RepoStorage::Local(path),
         }
@@ -80,6 +103,11 @@ impl RepoConfig {
             RepoStorage::Local(path) => path.display().to_string(),
             RepoStorage::S3(s3) => s3.describe(),
         }
+    }
+
+    /// `repo2 (/var/lib/pgkeep2)`: the repository's number and what `describe` says.
+    pub fn title(&self) -> String {
+        format!("repo{} ({})", self.number, self.describe())
     }
 
     /// The file whose lock allows one backup at a time: inside a local repository; beside the

@@ -132,6 +132,7 @@ pub fn drill(cfg: &Config, opts: &DrillOptions, progress: &dyn Progress) -> Resu
         tablespace_map: BTreeMap::new(),
         waldir: None,
         standby: None,
+        repo: Some(cfg.repo.number),
     };
     let choice = choose_backup(&repo, &restore_opts)?;
     let backup = choice.backup.clone();

@@ -106,6 +106,9 @@ pub struct RestoreOptions {
     /// Build a streaming replica instead of recovering to a target (`target` is then
     /// [`RecoveryTarget::EndOfArchive`]).
     pub standby: Option<StandbyOptions>,
+    /// Restore from repository N (1-based); None = the first repository, in file order, that
+    /// holds a backup able to reach the target with the WAL it needs.
+    pub repo: Option<usize>,
 }
 
 /// `restore --standby`: `standby.signal` instead of `recovery.signal`; the replica replays the
@@ -120,6 +123,8 @@ pub struct StandbyOptions {
 #[derive(Debug)]
 pub struct RestoreSummary {
     pub backup: BackupRecord,
+    /// The repository restored from (`repo2 (/var/lib/pgkeep2)`) and why it was chosen.
+    pub repo: String,
     /// Which backup was chosen, the timeline recovery will follow and why (see [`Choice`]).
     pub choice: String,
     pub files_written: u64,
@@ -138,16 +143,12 @@ pub fn restore(
     progress: &dyn Progress,
 ) -> Result<RestoreSummary> {
     let started = Instant::now();
-    let repo = Repo::open(cfg)?;
-    if repo.identity.pg_major < 12 {
-        bail!("restore of PostgreSQL {} is not supported: pgkeep writes recovery.signal (PostgreSQL 12+)", repo.identity.pg_major);
-    }
     if opts.standby.is_some() && opts.target != RecoveryTarget::EndOfArchive {
         bail!(
             "a standby follows its primary without end: restore --standby takes no recovery target"
         );
     }
-    let choice = choose_backup(&repo, opts)?;
+    let (repo, choice, repo_choice) = choose_repository(cfg, opts)?;
     let backup = choice.backup.clone();
     let chain = Chain::load(&repo.catalog, &backup)?;
     let files = &chain.newest;
@@ -288,6 +289,7 @@ pub fn restore(
     Ok(RestoreSummary {
         backup,
         choice: choice.to_string(),
+        repo: repo_choice,
         files_written,
         files_kept,
         bytes_written,
@@ -507,6 +509,58 @@ fn sync_dirs(pgdata: &Path, files: &[FileRecord], layout: &Layout) -> Result<()>
         fsync_dir(dir)?;
     }
     fsync_dir(&pgdata.join("pg_wal/archive_status"))
+}
+
+/// The repository to restore from, the backup and timeline chosen there, and a sentence
+/// saying which repository and why: `--repo N`'s, else the first repository in file order
+/// whose backups reach the target and whose archive holds their WAL without a gap before it
+/// (a repository that cannot be opened is passed over and named in the error when none can).
+pub fn choose_repository(cfg: &Config, opts: &RestoreOptions) -> Result<(Repo, Choice, String)> {
+    let candidates: Vec<Config> = match opts.repo {
+        Some(n) => vec![cfg.with_repo(n).ok_or_else(|| {
+            anyhow!(
+                "--repo {n}: the config has {} repositories: pass 1 to {}",
+                cfg.repos.len(),
+                cfg.repos.len()
+            )
+        })?],
+        None => (1..=cfg.repos.len())
+            .filter_map(|n| cfg.with_repo(n))
+            .collect(),
+    };
+    let single = candidates.len() == 1;
+    let mut refusals = Vec::new();
+    for c in &candidates {
+        let planned = (|| -> Result<(Repo, Choice)> {
+            let repo = Repo::open(c)?;
+            if repo.identity.pg_major < 12 {
+                bail!("restore of PostgreSQL {} is not supported: pgkeep writes recovery.signal (PostgreSQL 12+)", repo.identity.pg_major);
+            }
+            let choice = choose_backup(&repo, opts)?;
+            check_wal(&repo, &choice.backup)?;
+            check_no_gap(&repo, &choice, &opts.target)?;
+            Ok((repo, choice))
+        })();
+        match planned {
+            Ok((repo, choice)) => {
+                let why = match (opts.repo, refusals.is_empty()) {
+                    (Some(n), _) => format!("--repo {n}"),
+                    (None, true) => "the first repository".to_string(),
+                    (None, false) => format!(
+                        "the first repository that can reach the target; passed over: {}",
+                        refusals.join("; ")
+                    ),
+                };
+                return Ok((repo, choice, format!("{} ({why})", c.repo.title())));
+            }
+            Err(e) if single => return Err(e),
+            Err(e) => refusals.push(format!("{}: {e:#}", c.repo.title())),
+        }
+    }
+    bail!(
+        "no repository can restore to the target: {}",
+        refusals.join("; ")
+    )
 }
 
 /// The backup to restore (the named one, or the newest restorable one that can reach the
