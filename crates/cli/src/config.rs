@@ -605,6 +605,55 @@ data = "/d"
         assert!(check_endpoint("http://localhost:9000/").is_ok());
     }
 
+    const TWO: &str = r#"
+[[repo]]
+path = "/var/lib/pgkeep"
+
+[[repo]]
+type = "s3"
+endpoint = "http://127.0.0.1:9000"
+bucket = "pgkeep"
+access-key-id = "id"
+secret-access-key = "secret"
+catalog = "/var/lib/pgkeep-s3.db"
+[pg]
+data = "/d"
+"#;
+
+    #[test]
+    fn repo_entries_are_numbered_in_file_order() {
+        let cfg = parse(TWO, Path::new("/x.toml")).unwrap();
+        assert_eq!(cfg.repos.len(), 2);
+        assert_eq!(cfg.repo.number, 1);
+        assert!(matches!(cfg.repos[0].storage, RepoStorage::Local(_)));
+        assert!(matches!(cfg.repos[1].storage, RepoStorage::S3(_)));
+        assert_eq!(cfg.repos[1].number, 2);
+        let second = cfg.with_repo(2).unwrap();
+        assert_eq!(second.repo.catalog, Path::new("/var/lib/pgkeep-s3.db"));
+        assert!(cfg.with_repo(0).is_none() && cfg.with_repo(3).is_none());
+        // One [repo] table is repository 1 of 1.
+        let one = parse(MINIMAL, Path::new("/x.toml")).unwrap();
+        assert_eq!((one.repos.len(), one.repo.number), (1, 1));
+        assert!(!one.several_repos());
+    }
+
+    #[test]
+    fn repo_table_and_entries_together_or_twice_the_same_are_refused() {
+        let text = format!("{TWO}[repo]\npath = \"/r\"\n");
+        let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
+        assert!(err.contains("both [repo] and [[repo]]"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        let text = TWO.replace("/var/lib/pgkeep-s3.db", "/var/lib/pgkeep/catalog.db");
+        let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
+        assert!(err.contains("repo1 and repo2 are the same repository"), "{err}");
+        let text = TWO.replace("bucket = \"pgkeep\"\n", "");
+        let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
+        assert!(err.contains("[[repo]] entry 2 (repo2) type = \"s3\" needs bucket"), "{err}");
+        let text = TWO.replace("path = \"/var/lib/pgkeep\"", "path = \"/var/lib/pgkeep\"\ncolour = 1");
+        let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
+        assert!(err.contains("colour") && err.contains("line"), "{err}");
+    }
+
     #[test]
     fn relative_paths_are_refused() {
         let text = MINIMAL.replace("/var/lib/pgkeep", "repo");

@@ -161,28 +161,42 @@ pub fn check(cfg: &Config) -> Result<Vec<CheckLine>> {
             None => server.data_directory.display().to_string(),
         },
     );
-    let repo = match Repo::open(cfg) {
-        Ok(r) => r,
-        Err(e) => {
-            push(false, "repository", format!("{e:#}"));
-            return Ok(lines);
-        }
-    };
-    match check_same_cluster(&repo.identity, &repo_identity(&server), &repo.name) {
-        Ok(()) => push(
-            true,
-            "repository",
-            format!(
-                "{} (system identifier {})",
-                repo.name, server.system_identifier
-            ),
-        ),
-        Err(e) => {
-            push(false, "repository", format!("{e:#}"));
-            return Ok(lines);
-        }
-    };
-    if !(mode_ok && command_ok) {
+    // Every repository: archive-push stores into each, so each must answer and hold the
+    // switched segment.
+    let mut repos = Vec::new();
+    for c in (1..=cfg.repos.len()).filter_map(|n| cfg.with_repo(n)) {
+        let named = |detail: String| {
+            if cfg.several_repos() {
+                format!("repo{}: {detail}", c.repo.number)
+            } else {
+                detail
+            }
+        };
+        let repo = match Repo::open(&c) {
+            Ok(r) => r,
+            Err(e) => {
+                push(false, "repository", named(format!("{e:#}")));
+                continue;
+            }
+        };
+        match check_same_cluster(&repo.identity, &repo_identity(&server), &repo.name) {
+            Ok(()) => {
+                push(
+                    true,
+                    "repository",
+                    named(format!(
+                        "{} (system identifier {})",
+                        repo.name, server.system_identifier
+                    )),
+                );
+                repos.push((c.repo.number, repo));
+            }
+            Err(e) => {
+                push(false, "repository", named(format!("{e:#}")));
+            }
+        };
+    }
+    if repos.len() != cfg.repos.len() || !(mode_ok && command_ok) {
         return Ok(lines);
     }
     // A restore point guarantees the current segment holds WAL, so the switch really switches.
@@ -190,9 +204,17 @@ pub fn check(cfg: &Config) -> Result<Vec<CheckLine>> {
     archiver.execute("SELECT pg_create_restore_point('pgkeep check')")?;
     let segment = archiver.query_text("SELECT pg_walfile_name(pg_switch_wal())")?;
     let timeout = cfg.archive.check_timeout;
-    match wait_for_wal(&repo, std::slice::from_ref(&segment), timeout, |_| {}) {
-        Ok(()) => push(true, "archiving", format!("{segment} reached the archive")),
-        Err(e) => push(false, "archiving", format!("{e:#}")),
-    };
+    for (number, repo) in &repos {
+        let place = if cfg.several_repos() {
+            format!("repo{number}")
+        } else {
+            "the archive".to_string()
+        };
+        match wait_for_wal(repo, std::slice::from_ref(&segment), timeout, |_| {}) {
+            Ok(()) => push(true, "archiving", format!("{segment} reached {place}")),
+            Err(e) if cfg.several_repos() => push(false, "archiving", format!("{place}: {e:#}")),
+            Err(e) => push(false, "archiving", format!("{e:#}")),
+        };
+    }
     Ok(lines)
 }
