@@ -13,6 +13,7 @@ mod expire;
 mod formats;
 mod incremental;
 mod init;
+mod multirepo;
 mod restore;
 mod s3;
 mod safety;

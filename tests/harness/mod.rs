@@ -228,8 +228,8 @@ pub struct ClusterOptions {
     pub conf: Vec<String>,
     /// Extra initdb arguments.
     pub initdb_args: Vec<String>,
-    /// The body of the `[repo]` table, in place of a local `path` (an S3 repository); `{dir}`
-    /// stands for the cluster's temp directory.
+    /// The body of the `[repo]` table, in place of a local `path` (an S3 repository), or
+    /// `[[repo]]` entries in place of the table; `{dir}` stands for the cluster's temp directory.
     pub repo_toml: Option<String>,
 }
 
@@ -303,10 +303,16 @@ impl Cluster {
         let mut cluster = Cluster::unstarted(dir, repo, None);
         if let Some(body) = &opts.repo_toml {
             // Another repository than the local default (an S3 bucket): swap the [repo] table.
+            // A body of `[[repo]]` entries (several repositories) replaces the whole table.
             let body = body.replace("{dir}", &cluster.dir.path().display().to_string());
+            let tables = if body.starts_with("[[repo]]") {
+                body
+            } else {
+                format!("[repo]\n{body}")
+            };
             let text = fs::read_to_string(&cluster.config).unwrap().replace(
                 &format!("[repo]\npath = \"{}\"\n", cluster.repo.display()),
-                &format!("[repo]\n{body}"),
+                &tables,
             );
             fs::write(&cluster.config, text).unwrap();
         }

@@ -162,9 +162,9 @@ pub enum CatalogCommand {
     /// Rebuild the catalog from the repository alone (each backup's backup.ini and manifest,
     /// and the WAL archive), creating it if it is missing.
     Rebuild {
-            /// Only repository N (1..N, [[repo]] entries in file order) [default: every repository].
-            #[arg(long, value_name = "N")]
-            repo: Option<usize>,
+        /// Only repository N (1..N, [[repo]] entries in file order) [default: every repository].
+        #[arg(long, value_name = "N")]
+        repo: Option<usize>,
     },
 }
 

@@ -425,25 +425,30 @@ fn repo_config(
                 "{section} {key} is only for type = \"s3\"; add it or remove the key"
             )));
         }
-        let repo_path = r
-            .path
-            .ok_or_else(|| err(format!("{section} needs path (or type = \"s3\" and its keys)")))?;
+        let repo_path = r.path.ok_or_else(|| {
+            err(format!(
+                "{section} needs path (or type = \"s3\" and its keys)"
+            ))
+        })?;
         absolute(&repo_path, &format!("{section} path"))?;
         return Ok(RepoConfig::local(repo_path));
     }
     if r.path.is_some() {
-        return Err(err(format!("{section} path is for a local repository; an s3 one keeps its index at catalog")));
+        return Err(err(format!(
+            "{section} path is for a local repository; an s3 one keeps its index at catalog"
+        )));
     }
     let need = |v: Option<String>, key: &str| {
         v.filter(|s| !s.trim().is_empty())
             .ok_or_else(|| err(format!("{section} type = \"s3\" needs {key}")))
     };
     let endpoint = need(r.endpoint, "endpoint")?;
-    check_endpoint(&endpoint)
-        .map_err(|e| err(e.replacen("[repo]", section, 1)))?;
+    check_endpoint(&endpoint).map_err(|e| err(e.replacen("[repo]", section, 1)))?;
     let bucket = need(r.bucket, "bucket")?;
     let catalog = r.catalog.ok_or_else(|| {
-        err(format!("{section} type = \"s3\" needs catalog, the path of its local index"))
+        err(format!(
+            "{section} type = \"s3\" needs catalog, the path of its local index"
+        ))
     })?;
     absolute(&catalog, &format!("{section} catalog"))?;
     if let Some(ca) = &r.ca_file {
@@ -460,7 +465,8 @@ fn repo_config(
     let prefix = r.prefix.unwrap_or_default();
     let prefix = prefix.trim_matches('/').to_string();
     if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
-        return Err(err(format!("{section} prefix {prefix:?} is not a plain key prefix"
+        return Err(err(format!(
+            "{section} prefix {prefix:?} is not a plain key prefix"
         )));
     }
     Ok(RepoConfig {
@@ -645,11 +651,20 @@ data = "/d"
         assert_eq!(err.lines().count(), 1, "{err}");
         let text = TWO.replace("/var/lib/pgkeep-s3.db", "/var/lib/pgkeep/catalog.db");
         let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
-        assert!(err.contains("repo1 and repo2 are the same repository"), "{err}");
+        assert!(
+            err.contains("repo1 and repo2 are the same repository"),
+            "{err}"
+        );
         let text = TWO.replace("bucket = \"pgkeep\"\n", "");
         let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
-        assert!(err.contains("[[repo]] entry 2 (repo2) type = \"s3\" needs bucket"), "{err}");
-        let text = TWO.replace("path = \"/var/lib/pgkeep\"", "path = \"/var/lib/pgkeep\"\ncolour = 1");
+        assert!(
+            err.contains("[[repo]] entry 2 (repo2) type = \"s3\" needs bucket"),
+            "{err}"
+        );
+        let text = TWO.replace(
+            "path = \"/var/lib/pgkeep\"",
+            "path = \"/var/lib/pgkeep\"\ncolour = 1",
+        );
         let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
         assert!(err.contains("colour") && err.contains("line"), "{err}");
     }

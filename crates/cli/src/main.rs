@@ -196,10 +196,10 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
             };
             let progress = progress::CliProgress::new();
             let s = pgkeep_core::backup::backup(&cfg, &opts, &progress)?;
-            if cfg.several_repos() {
-                println!("repository {}", cfg.repo.title());
-            }
             output::print_backup_summary(&s);
+            if cfg.several_repos() {
+                println!("stored in {}", cfg.repo.title());
+            }
             match &s.expired {
                 Some(Ok(report)) => output::print_retention_report(report),
                 Some(Err(e)) => eprintln!(
@@ -242,10 +242,8 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
                 if cfg.several_repos() {
                     println!("{}:", c.repo.title());
                 }
-                let report = repos::in_repo(
-                    &c,
-                    pgkeep_core::validate::validate(&c, &opts, &progress),
-                )?;
+                let report =
+                    repos::in_repo(&c, pgkeep_core::validate::validate(&c, &opts, &progress))?;
                 output::print_validate_report(&report);
                 problems += report.problems();
             }

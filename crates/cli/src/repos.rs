@@ -70,7 +70,9 @@ pub fn show(cfg: &Config, n: Option<usize>, label: Option<&str>, json: bool) -> 
     }
     if let Some(l) = label {
         if listings.iter().all(|(_, l)| l.backups.is_empty()) {
-            anyhow::bail!("backup {l} not found in any repository: `pgkeep show` lists the backups");
+            anyhow::bail!(
+                "backup {l} not found in any repository: `pgkeep show` lists the backups"
+            );
         }
     }
     if !json {

@@ -339,10 +339,7 @@ pub fn archive_get(cfg: &Config, name: &str, dest: &Path) -> Result<GetReport> {
     if failures.is_empty() {
         return Err(Outcome::NotInArchive(name.to_string()).into());
     }
-    bail!(
-        "no repository could serve it: {}",
-        failures.join("; ")
-    )
+    bail!("no repository could serve it: {}", failures.join("; "))
 }
 
 /// Restore one archived file from the repository `cfg.repo`.
