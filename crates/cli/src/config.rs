@@ -163,55 +163,32 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     }
     if many {
         let file: File<Vec<RepoSection>> = parse_toml(text, path)?;
-        let File {
-            repo,
-            pg,
-            primary,
-            backup,
-            archive,
-            retention,
-            drill,
-        } = file;
-        let sections = repo
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| (format!("[[repo]] entry {} (repo{})", i + 1, i + 1), r))
-            .collect();
-        finish(
-            File {
-                repo: sections,
-                pg,
-                primary,
-                backup,
-                archive,
-                retention,
-                drill,
-            },
-            path,
-        )
+        let file = file.map_repo(|entries| {
+            entries
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (format!("[[repo]] entry {} (repo{})", i + 1, i + 1), r))
+                .collect()
+        });
+        finish(file, path)
     } else {
         let file: File<RepoSection> = parse_toml(text, path)?;
-        let File {
-            repo,
-            pg,
-            primary,
-            backup,
-            archive,
-            retention,
-            drill,
-        } = file;
-        finish(
-            File {
-                repo: vec![("[repo]".to_string(), repo)],
-                pg,
-                primary,
-                backup,
-                archive,
-                retention,
-                drill,
-            },
-            path,
-        )
+        finish(file.map_repo(|r| vec![("[repo]".to_string(), r)]), path)
+    }
+}
+
+impl<R> File<R> {
+    /// The same tables with the repository part turned into `S`.
+    fn map_repo<S>(self, f: impl FnOnce(R) -> S) -> File<S> {
+        File {
+            repo: f(self.repo),
+            pg: self.pg,
+            primary: self.primary,
+            backup: self.backup,
+            archive: self.archive,
+            retention: self.retention,
+            drill: self.drill,
+        }
     }
 }
 
