@@ -185,7 +185,7 @@ fn multirepo_unwritable_repository_fails_the_push_until_repaired_and_nothing_is_
         .find(|l| l.contains("pgkeep: error") && l.contains(&seg))
         .unwrap_or_else(|| panic!("no pgkeep error in the server log:\n{log}"));
     assert!(
-        line.contains("repo2 (") && line.contains("held by repo1"),
+        line.contains("repo2 (") && line.contains("taken by repo1"),
         "{line}"
     );
 
@@ -212,6 +212,26 @@ fn multirepo_unwritable_repository_fails_the_push_until_repaired_and_nothing_is_
     let path = format!("pg_wal/{seg}");
     let run = cluster.pgkeep_in(&cluster.data, &["archive-push", &path]);
     assert!(run.success(), "{run:?}");
+    // Other bytes under the same name are refused by each repository, which keeps its copy.
+    let other = cluster.dir.subdir("other").join(&seg);
+    let mut bytes = fs::read(cluster.data.join(&path)).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5a;
+    fs::write(&other, &bytes).unwrap();
+    crate::harness::chown_to_postgres(&other);
+    let run = cluster.pgkeep(&["archive-push", other.to_str().unwrap()]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("taken by no repository")
+            && run.stderr.matches("different content").count() == 2,
+        "{run:?}"
+    );
+    let got = cluster.dir.path().join("got");
+    cluster.pgkeep_ok(&["archive-get", &seg, got.to_str().unwrap()]);
+    assert_eq!(
+        fs::read(&got).unwrap(),
+        fs::read(cluster.data.join(&path)).unwrap()
+    );
 }
 
 #[test]

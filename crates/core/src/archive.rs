@@ -82,9 +82,9 @@ pub fn archive_push(cfg: &Config, wal_path: &Path) -> Result<PushOutcome> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| wal_path.display().to_string());
     let held = if held.is_empty() {
-        "no repository holds it".to_string()
+        "taken by no repository".to_string()
     } else {
-        format!("held by {}", held.join(", "))
+        format!("taken by {}", held.join(", "))
     };
     bail!(
         "{name} not archived in every repository ({held}): {}: PostgreSQL retries the file; fix the repository named",
