@@ -91,6 +91,23 @@ fn multirepo_push_reaches_both_backup_and_pitr_restore_use_repo_2() {
         text.contains("repo1 (") && text.contains("repo2 ("),
         "{text}"
     );
+    // expire and catalog rebuild also go over every repository, each under its name.
+    let text = cluster.pgkeep_ok(&["expire", "--dry-run"]).stdout;
+    assert!(
+        text.contains("repo1 (") && text.contains("repo2 ("),
+        "{text}"
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&cluster.pgkeep_ok(&["expire", "--dry-run", "--json"]).stdout)
+            .unwrap();
+    assert_eq!(doc["repos"][1]["repo"], 2, "{doc}");
+    let text = cluster.pgkeep_ok(&["catalog", "rebuild"]).stdout;
+    assert!(
+        text.contains("repo1 (") && text.contains("repo2 ("),
+        "{text}"
+    );
+    let shown = cluster.pgkeep_ok(&["show", "--repo", "2", "--json"]).stdout;
+    assert!(shown.contains(&label), "{shown}");
 
     // A repository number the config does not have: one line, exit 2.
     let run = cluster.pgkeep(&["backup", "--type", "full", "--repo", "3"]);
