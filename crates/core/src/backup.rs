@@ -32,7 +32,7 @@ use pgkeep_repo::{keys, put_bytes, CompressWriter, PendingObject, Storage};
 use sha2::{Digest as _, Sha256};
 
 use crate::archive::wait_for_wal;
-use crate::blockmap::{self, BlockMap, Changes, MapSource};
+use crate::blockmap::{self, BlockMap, Changes, MapSource, Origin};
 use crate::chain::{Chain, ChainPages};
 use crate::check::{archive_command_ok, expected_archive_config};
 use crate::config::Config;
@@ -44,6 +44,7 @@ use crate::pg::{self, PgConn, ServerIdentity};
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::standby;
+use crate::summaries;
 use crate::user;
 use crate::walk::{walk, Entry};
 
@@ -66,6 +67,13 @@ pub enum BlockSource {
         until: Lsn,
         records: u64,
     },
+    /// The changed-block map, from the server's WAL summaries (PostgreSQL 17+) of this interval.
+    Summaries {
+        since: Lsn,
+        until: Lsn,
+        /// Summary files read.
+        files: u64,
+    },
     /// Every page read and its LSN compared; `reason` says why.
     Scan { reason: String },
 }
@@ -81,6 +89,9 @@ pub struct BlockReport {
     /// Relation main forks read whole although a map was built (storage created or truncated,
     /// a new or changed database, a file shorter than the parent's without a truncation).
     pub files_fallen_back: u64,
+    /// Why the server's WAL summaries were not used although it keeps them (17+ with
+    /// `summarize_wal = on`): they did not cover the interval, the summarizer lagged, ...
+    pub summaries_unused: Option<String>,
 }
 
 /// A page whose checksum stayed wrong on a second read: the disk under the cluster is damaged.
@@ -659,6 +670,10 @@ fn run(
 /// file PostgreSQL may recycle under it; instead the server (a standby's primary) switches WAL
 /// now, as the stop call would anyway, and the map is built from the archive alone once that
 /// segment arrives. Every failure to build the map falls back to the page scan.
+///
+/// A server that keeps WAL summaries (17+ with `summarize_wal = on`) is asked first: its
+/// summaries need no archived WAL at all. When they do not cover the interval the archive is
+/// read, and the map says why the summaries were not used.
 fn changed_blocks(
     cfg: &Config,
     conn: &mut PgConn,
@@ -679,7 +694,28 @@ fn changed_blocks(
             source.status_dir = Some(cfg.pg.data.join("pg_wal/archive_status"));
         }
     }
-    let map = blockmap::build(&source);
+    let summaries = match summaries::enabled(conn) {
+        Ok(false) => None,
+        Ok(true) => Some(summaries::build(
+            conn,
+            source.timeline,
+            source.since,
+            source.until,
+            source.archive_timeout,
+        )),
+        Err(e) => Some(Err(format!("{e:#}"))),
+    };
+    let map = match summaries {
+        Some(Ok(map)) => Ok(Ok(map)),
+        None => blockmap::build(&source),
+        Some(Err(why)) => blockmap::build(&source).map(|built| match built {
+            Ok(mut map) => {
+                map.summaries_unused = Some(why);
+                Ok(map)
+            }
+            Err(archive) => Err(format!("{archive}; WAL summaries not used: {why}")),
+        }),
+    };
     progress.finish();
     map
 }
@@ -899,6 +935,11 @@ impl Counts {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         BlockReport {
             source: match map {
+                Ok(m) if m.origin == Origin::Summaries => BlockSource::Summaries {
+                    since: m.since,
+                    until: m.until,
+                    files: m.records,
+                },
                 Ok(m) => BlockSource::Wal {
                     since: m.since,
                     until: m.until,
@@ -911,6 +952,7 @@ impl Counts {
             files_not_read: get(&self.not_read),
             files_by_block: get(&self.by_block),
             files_fallen_back: get(&self.fallen_back),
+            summaries_unused: map.as_ref().ok().and_then(|m| m.summaries_unused.clone()),
         }
     }
 }
@@ -925,8 +967,9 @@ enum Plan<'p> {
     /// reading every page.
     Pages(&'p FileRecord),
     /// A relation main fork the parent has, with the changed-block map's blocks of its relation
-    /// (all segment files) and the number of its segment file.
-    Blocks(&'p FileRecord, &'p [u32], u32),
+    /// (all segment files), its limit block (see [`Changes::Blocks`]) and the number of its
+    /// segment file.
+    Blocks(&'p FileRecord, &'p [u32], Option<u32>, u32),
 }
 
 /// A file copy's outcome: its record and the pages whose checksum failed; None if the file
@@ -992,7 +1035,9 @@ impl Copier<'_> {
             Plan::Whole => self.copy_whole(entry, buf),
             Plan::IfChanged(p) => self.copy_if_changed(entry, p, buf),
             Plan::Pages(p) => self.copy_pages(entry, p, buf),
-            Plan::Blocks(p, blocks, segno) => self.copy_blocks(entry, p, blocks, segno, buf),
+            Plan::Blocks(p, blocks, limit, segno) => {
+                self.copy_blocks(entry, p, (blocks, limit), segno, buf)
+            }
         }
     }
 
@@ -1015,7 +1060,7 @@ impl Copier<'_> {
                 let changes = RelFileLocator::of_db_dir(&db, f.relfilenode)
                     .map_or(Changes::Scan, |rel| map.changes(rel));
                 match changes {
-                    Changes::Blocks(blocks) => Plan::Blocks(p, blocks, f.segno),
+                    Changes::Blocks { blocks, limit } => Plan::Blocks(p, blocks, limit, f.segno),
                     Changes::Scan => {
                         Counts::add(&self.counts.fallen_back, 1);
                         Plan::Pages(p)
@@ -1136,11 +1181,16 @@ impl Copier<'_> {
     /// keeps the parent's, which is the hash of the bytes its chain restores. A file shorter
     /// than the parent's copy with no truncation in the WAL is not what the map describes: it
     /// is read whole, page by page.
+    ///
+    /// With a limit block (the fork was truncated to that length, or created, in the interval)
+    /// nothing of the parent's copy from the limit on counts: those blocks are stored whole, as
+    /// `GetFileBackupMethod` (src/backend/backup/basebackup_incremental.c) sends them, and a
+    /// file shorter than the parent's but not shorter than the limit is what the map describes.
     fn copy_blocks(
         &self,
         entry: &Entry,
         p: &FileRecord,
-        blocks: &[u32],
+        (blocks, limit): (&[u32], Option<u32>),
         segno: u32,
         buf: &mut [u8],
     ) -> CopyResult {
@@ -1154,7 +1204,10 @@ impl Copier<'_> {
             .map(|b| b - first)
             .collect();
         let parent_size = file_size(p, bs as u32);
-        if listed.is_empty() && entry.size == parent_size {
+        // This segment file's blocks from which on the parent's copy does not count.
+        let limit = limit.map(|l| u64::from(l).saturating_sub(first));
+        let truncated = limit.is_some_and(|l| l < parent_size.div_ceil(bs as u64));
+        if listed.is_empty() && entry.size == parent_size && !truncated {
             Counts::add(&self.counts.not_read, 1);
             self.progress.advance(entry.size);
             return Ok(Some((reference(entry, p), Vec::new())));
@@ -1166,7 +1219,7 @@ impl Copier<'_> {
             .metadata()
             .with_context(|| format!("reading {}", entry.abs.display()))?
             .len();
-        if size < parent_size {
+        if size < parent_size && limit.is_none_or(|l| size < l * bs as u64) {
             Counts::add(&self.counts.fallen_back, 1);
             return self.copy_pages(entry, p, buf);
         }
@@ -1174,7 +1227,8 @@ impl Copier<'_> {
         let parent = self
             .parent
             .ok_or_else(|| anyhow!("{} has no parent backup to compare with", entry.rel))?;
-        let parent_blocks = parent_size / bs as u64;
+        // Pages the parent chain has whole and that still count; every later one is stored whole.
+        let parent_blocks = (parent_size / bs as u64).min(limit.unwrap_or(u64::MAX));
         let n_blocks = size.div_ceil(bs as u64);
         let key = keys::backup_file(self.label, &entry.rel);
         let mut delta: Option<DeltaObject> = None;

@@ -10,6 +10,7 @@ pub mod archive;
 pub mod backup;
 pub(crate) mod blockmap;
 pub(crate) mod chain;
+pub(crate) mod summaries;
 pub mod check;
 pub mod config;
 pub mod delta;
