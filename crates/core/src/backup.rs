@@ -1195,19 +1195,15 @@ impl Copier<'_> {
         buf: &mut [u8],
     ) -> CopyResult {
         let bs = self.block_size;
-        let per_file = u64::from(self.blocks_per_segment);
-        let first = u64::from(segno) * per_file;
-        let listed: Vec<u64> = blocks
-            .iter()
-            .map(|&b| u64::from(b))
-            .filter(|b| (first..first + per_file).contains(b))
-            .map(|b| b - first)
-            .collect();
         let parent_size = file_size(p, bs as u32);
-        // This segment file's blocks from which on the parent's copy does not count.
-        let limit = limit.map(|l| u64::from(l).saturating_sub(first));
-        let truncated = limit.is_some_and(|l| l < parent_size.div_ceil(bs as u64));
-        if listed.is_empty() && entry.size == parent_size && !truncated {
+        let plan = SegmentPlan::new(
+            (blocks, limit),
+            segno,
+            u64::from(self.blocks_per_segment),
+            parent_size,
+            bs as u64,
+        );
+        if plan.unchanged(entry.size) {
             Counts::add(&self.counts.not_read, 1);
             self.progress.advance(entry.size);
             return Ok(Some((reference(entry, p), Vec::new())));
@@ -1219,7 +1215,7 @@ impl Copier<'_> {
             .metadata()
             .with_context(|| format!("reading {}", entry.abs.display()))?
             .len();
-        if size < parent_size && limit.is_none_or(|l| size < l * bs as u64) {
+        if !plan.describes(size) {
             Counts::add(&self.counts.fallen_back, 1);
             return self.copy_pages(entry, p, buf);
         }
@@ -1227,8 +1223,6 @@ impl Copier<'_> {
         let parent = self
             .parent
             .ok_or_else(|| anyhow!("{} has no parent backup to compare with", entry.rel))?;
-        // Pages the parent chain has whole and that still count; every later one is stored whole.
-        let parent_blocks = (parent_size / bs as u64).min(limit.unwrap_or(u64::MAX));
         let n_blocks = size.div_ceil(bs as u64);
         let key = keys::backup_file(self.label, &entry.rel);
         let mut delta: Option<DeltaObject> = None;
@@ -1237,14 +1231,11 @@ impl Copier<'_> {
         let page = buf
             .get_mut(..bs)
             .ok_or_else(|| anyhow!("block size {bs} is too large for the copy buffer"))?;
-        let changed = listed
-            .into_iter()
-            .filter(|&b| b < parent_blocks.min(n_blocks));
-        for block in changed.chain(parent_blocks..n_blocks) {
+        for block in plan.reads(n_blocks) {
             if !self.read_page(&file, entry, block, page, &mut failures)? {
                 break; // the file shrank under us: WAL replay truncates it again
             }
-            let base = match block < parent_blocks {
+            let base = match block < plan.kept {
                 true => Some(older.page(p, block)?),
                 false => None,
             };
@@ -1521,6 +1512,71 @@ impl Copier<'_> {
     }
 }
 
+/// Which blocks of one relation segment file a copy by the changed-block map reads.
+#[derive(Debug, PartialEq, Eq)]
+struct SegmentPlan {
+    /// The map's blocks inside this segment file, relative to its start.
+    listed: Vec<u64>,
+    /// Blocks below this one that the map does not list are the parent chain's; from it on
+    /// every block is read and stored whole (past the parent's length, or past a limit block).
+    kept: u64,
+    parent_size: u64,
+    /// The map's limit block relative to this segment file (see [`Changes::Blocks`]).
+    limit: Option<u64>,
+    block_size: u64,
+}
+
+impl SegmentPlan {
+    fn new(
+        (blocks, limit): (&[u32], Option<u32>),
+        segno: u32,
+        per_file: u64,
+        parent_size: u64,
+        block_size: u64,
+    ) -> SegmentPlan {
+        let first = u64::from(segno) * per_file;
+        let listed = blocks
+            .iter()
+            .map(|&b| u64::from(b))
+            .filter(|b| (first..first + per_file).contains(b))
+            .map(|b| b - first)
+            .collect();
+        let limit = limit.map(|l| u64::from(l).saturating_sub(first));
+        SegmentPlan {
+            listed,
+            kept: (parent_size / block_size).min(limit.unwrap_or(u64::MAX)),
+            parent_size,
+            limit,
+            block_size,
+        }
+    }
+
+    /// Nothing to read: no listed block, no truncation, the parent's length.
+    fn unchanged(&self, size: u64) -> bool {
+        let truncated = self
+            .limit
+            .is_some_and(|l| l < self.parent_size.div_ceil(self.block_size));
+        self.listed.is_empty() && size == self.parent_size && !truncated
+    }
+
+    /// Whether a file of `size` bytes is what the map describes: not shorter than the parent's
+    /// copy unless a limit block says it was truncated, and not below that limit.
+    fn describes(&self, size: u64) -> bool {
+        size >= self.parent_size || self.limit.is_some_and(|l| size >= l * self.block_size)
+    }
+
+    /// The blocks to read from a file of `n_blocks` blocks: the listed ones the parent chain
+    /// holds, then every block from `kept` on.
+    fn reads(&self, n_blocks: u64) -> impl Iterator<Item = u64> + '_ {
+        let changed = self
+            .listed
+            .iter()
+            .copied()
+            .filter(move |&b| b < self.kept.min(n_blocks));
+        changed.chain(self.kept..n_blocks)
+    }
+}
+
 /// Whether a page may differ from the parent chain's copy: its LSN is at or after the parent's
 /// start (which takes in every LSN beyond the current WAL position too), it is invalid (0), or
 /// the page is new, zero or has an insane header. Only pages untouched since before the parent
@@ -1606,6 +1662,32 @@ mod tests {
         page[16..18].copy_from_slice(&8192u16.to_ne_bytes());
         page[18..20].copy_from_slice(&(8192u16 | 4).to_ne_bytes());
         page
+    }
+
+    #[test]
+    fn a_limit_block_reads_every_block_from_the_limit_on() {
+        const BS: u64 = 8192;
+        // Segment file 1 of a relation with 100 blocks per file; the parent had 50 blocks there.
+        let plan = |blocks: &[u32], limit| SegmentPlan::new((blocks, limit), 1, 100, 50 * BS, BS);
+        let reads = |p: &SegmentPlan, n| p.reads(n).collect::<Vec<u64>>();
+        // Blocks of other segment files are not this one's; no limit: the parent's length holds.
+        let p = plan(&[3, 105, 120, 260], None);
+        assert_eq!(p.listed, vec![5, 20]);
+        assert_eq!(reads(&p, 52), vec![5, 20, 50, 51]);
+        assert!(!p.unchanged(50 * BS));
+        assert!(p.describes(50 * BS) && !p.describes(49 * BS));
+        assert!(plan(&[3], None).unchanged(50 * BS));
+        // Truncated to absolute block 130 (30 here) and grown back to 45 blocks: 30..45 are
+        // read whole even though no block there is listed, and the shorter file fits the map.
+        let p = plan(&[105], Some(130));
+        assert_eq!(p.kept, 30);
+        assert_eq!(reads(&p, 45), [vec![5], (30..45).collect()].concat());
+        assert!(!p.unchanged(50 * BS));
+        assert!(p.describes(45 * BS) && p.describes(30 * BS) && !p.describes(29 * BS));
+        // A limit in an earlier segment file: all of this one is new; one past the parent's
+        // length changes nothing.
+        assert_eq!(reads(&plan(&[], Some(0)), 3), vec![0, 1, 2]);
+        assert!(plan(&[], Some(160)).unchanged(50 * BS));
     }
 
     #[test]
