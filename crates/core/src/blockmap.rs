@@ -35,7 +35,10 @@ pub(crate) enum Changes<'m> {
     /// These relation blocks (sorted, across all of the relation's segment files) and, when
     /// `limit` is set, every block from `limit` on: the fork was truncated to that many blocks
     /// (0: created anew) in the interval, so nothing of the parent's copy from there on counts.
-    Blocks { blocks: &'m [u32], limit: Option<u32> },
+    Blocks {
+        blocks: &'m [u32],
+        limit: Option<u32>,
+    },
     /// Storage created or truncated, or its database or tablespace changed wholesale: scan it.
     Scan,
 }

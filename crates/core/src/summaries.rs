@@ -156,11 +156,14 @@ fn read_contents(conn: &mut PgConn, f: &SummaryFile, map: &mut BlockMap) -> Resu
          FROM pg_wal_summary_contents({}, '{}', '{}') WHERE relforknumber = 0",
         f.tli, f.start, f.end
     );
-    let rows = conn
-        .client()
-        .query(&sql, &[])
-        .with_context(|| format!("reading WAL summary {}..{} of timeline {}", f.start, f.end, f.tli))?;
-    let oid = |v: i64| u32::try_from(v).with_context(|| format!("unexpected oid {v} in a WAL summary"));
+    let rows = conn.client().query(&sql, &[]).with_context(|| {
+        format!(
+            "reading WAL summary {}..{} of timeline {}",
+            f.start, f.end, f.tli
+        )
+    })?;
+    let oid =
+        |v: i64| u32::try_from(v).with_context(|| format!("unexpected oid {v} in a WAL summary"));
     for r in rows {
         let rel = RelFileLocator {
             rel_number: oid(r.get(0))?,
@@ -168,8 +171,8 @@ fn read_contents(conn: &mut PgConn, f: &SummaryFile, map: &mut BlockMap) -> Resu
             db_oid: oid(r.get(2))?,
         };
         let block: i64 = r.get(3);
-        let block =
-            u32::try_from(block).with_context(|| format!("unexpected block {block} in a WAL summary"))?;
+        let block = u32::try_from(block)
+            .with_context(|| format!("unexpected block {block} in a WAL summary"))?;
         let is_limit: bool = r.get(4);
         match (rel.rel_number, is_limit) {
             // The database as a whole was created or dropped (`SummarizeDbaseRecord`).
