@@ -124,6 +124,8 @@ fn take(cluster: &Cluster, kind: &str, scan: bool) -> (String, String) {
         args.push("--scan");
     }
     let run = cluster.pgkeep_ok(&args);
+    // Its size and time, for a reader of `--no-capture` output.
+    println!("{}", run.stdout.lines().next().unwrap_or_default());
     let label = run.stdout.split_whitespace().nth(1).unwrap().to_string();
     let line = match kind {
         "full" => String::new(),
