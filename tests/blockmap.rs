@@ -1,6 +1,7 @@
-//! Diff and incr backups that read only the blocks the archived WAL says changed: restores
-//! identical to the live cluster with the map and with `--scan`, the fallback on a damaged
-//! archive, and a map missing one block caught by the same checks.
+//! Diff and incr backups that read only the blocks the archived WAL (or, on PostgreSQL 17+ with
+//! `summarize_wal = on`, the server's WAL summaries) says changed: restores identical to the live
+//! cluster with either map and with `--scan`, the fallbacks on a damaged archive and on summaries
+//! that do not cover the interval, and a map missing one block caught by the same checks.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -76,12 +77,55 @@ fn pages_line(run: &Run) -> String {
         .to_string()
 }
 
+/// Where a test expects a diff or incr to find its changed pages.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Source {
+    Archive,
+    /// The server's WAL summaries: PostgreSQL 17+ started with `summarize_wal = on`.
+    Summaries,
+    Scan,
+}
+
+impl Source {
+    /// The words of the changed-pages line that name this source.
+    fn named(self) -> &'static str {
+        match self {
+            Source::Archive => "from the WAL archive",
+            Source::Summaries => "from WAL summaries",
+            Source::Scan => "by page scan (--scan)",
+        }
+    }
+
+    /// postgresql.conf lines for a cluster whose backups use this source.
+    fn conf(self) -> Vec<String> {
+        let mut conf = vec!["autovacuum = off".to_string()];
+        if self == Source::Summaries {
+            conf.push("summarize_wal = on".into());
+        }
+        conf
+    }
+}
+
+/// WAL summaries exist from PostgreSQL 17 on; a test of them says so and passes on older ones.
+fn skip_without_summaries() -> bool {
+    if server_major() < 17 {
+        eprintln!(
+            "skipped: PostgreSQL {} keeps no WAL summaries (17+)",
+            server_major()
+        );
+        return true;
+    }
+    false
+}
+
 fn take(cluster: &Cluster, kind: &str, scan: bool) -> (String, String) {
     let mut args = vec!["backup", "--type", kind];
     if scan {
         args.push("--scan");
     }
     let run = cluster.pgkeep_ok(&args);
+    // Its size and time, for a reader of `--no-capture` output.
+    println!("{}", run.stdout.lines().next().unwrap_or_default());
     let label = run.stdout.split_whitespace().nth(1).unwrap().to_string();
     let line = match kind {
         "full" => String::new(),
@@ -115,9 +159,10 @@ fn restore_and_compare(cluster: &mut Cluster, ts: &Path, label: &str, want: &[St
 /// full -> incr -> incr over pgbench, VACUUM FULL, TRUNCATE, CREATE/DROP DATABASE (both
 /// strategies), SET TABLESPACE, SET UNLOGGED/LOGGED, hash and GiST indexes and a table
 /// extended then truncated; each incr restores to what the live cluster held.
-fn chain_over_storage_changes(scan: bool) {
+fn chain_over_storage_changes(source: Source) {
+    let scan = source == Source::Scan;
     let mut cluster = Cluster::with(ClusterOptions {
-        conf: vec!["autovacuum = off".into()],
+        conf: source.conf(),
         ..ClusterOptions::default()
     });
     let ts: PathBuf = cluster.dir.subdir("ts");
@@ -184,15 +229,22 @@ fn chain_over_storage_changes(scan: bool) {
     let want2 = state(&cluster);
     println!("{line1}\n{line2}");
     for line in [&line1, &line2] {
-        if scan {
-            assert!(line.contains("by page scan (--scan)"), "{line}");
-        } else {
-            assert!(line.contains("from the WAL archive"), "{line}");
-            assert!(!line.contains(" 0 relation files not read"), "{line}");
-            assert!(
-                !line.contains(" 0 fell back"),
-                "storage changes fall back: {line}"
-            );
+        assert!(line.contains(source.named()), "{line}");
+        assert!(!line.contains("WAL summaries not used"), "{line}");
+        match source {
+            Source::Scan => {}
+            Source::Archive => {
+                assert!(!line.contains(" 0 relation files not read"), "{line}");
+                assert!(
+                    !line.contains(" 0 fell back"),
+                    "storage changes fall back: {line}"
+                );
+            }
+            // Summaries give truncations as limit blocks, read by block from the limit on.
+            Source::Summaries => {
+                assert!(!line.contains(" 0 relation files not read"), "{line}");
+                assert!(!line.contains(" 0 read by block"), "{line}");
+            }
         }
     }
     restore_and_compare(&mut cluster, &ts, &incr2, &want2);
@@ -201,12 +253,70 @@ fn chain_over_storage_changes(scan: bool) {
 
 #[test]
 fn a_chain_from_the_wal_archive_restores_storage_changes_exactly() {
-    chain_over_storage_changes(false);
+    chain_over_storage_changes(Source::Archive);
 }
 
 #[test]
 fn the_same_chain_with_the_page_scan_restores_exactly() {
-    chain_over_storage_changes(true);
+    chain_over_storage_changes(Source::Scan);
+}
+
+#[test]
+fn the_same_chain_from_wal_summaries_restores_exactly() {
+    if skip_without_summaries() {
+        return;
+    }
+    chain_over_storage_changes(Source::Summaries);
+}
+
+/// Summaries that begin after the parent's start (`summarize_wal` turned on once that WAL left
+/// pg_wal) do not cover the interval: that incr reads the archive and says why; the next one uses the summaries.
+#[test]
+fn summaries_begun_after_the_parent_fall_back_to_the_archive() {
+    if skip_without_summaries() {
+        return;
+    }
+    // The harness keeps 2 GB of WAL; this test needs a checkpoint to remove segments.
+    let mut cluster = Cluster::with(ClusterOptions {
+        conf: vec!["wal_keep_size = 0".into()],
+        ..ClusterOptions::default()
+    });
+    cluster.pg_tool_ok("pgbench", &["-i", "-s", "2", "-q"]);
+    take(&cluster, "full", false);
+    cluster.pg_tool_ok("pgbench", &["-t", "300", "-c", "2", "-n"]);
+    // A summarizer turned on starts at the oldest segment left in pg_wal: once the segments
+    // from the parent's start are archived and a checkpoint has removed them, the WAL between
+    // the parent's start and there is summarized nowhere.
+    cluster.switch_wal_and_wait();
+    cluster.execute("CHECKPOINT");
+    cluster.execute("ALTER SYSTEM SET summarize_wal = on");
+    cluster.execute("SELECT pg_reload_conf()");
+    cluster.pg_tool_ok("pgbench", &["-t", "300", "-c", "2", "-n"]);
+    let (_, line1) = take(&cluster, "incr", false);
+    assert!(line1.contains(Source::Archive.named()), "{line1}");
+    assert!(
+        line1.contains("[WAL summaries not used: the server's WAL summaries on timeline 1 from "),
+        "{line1}"
+    );
+    cluster.pg_tool_ok("pgbench", &["-t", "300", "-c", "2", "-n"]);
+    let (incr2, line2) = take(&cluster, "incr", false);
+    println!("{line1}\n{line2}");
+    assert!(line2.contains(Source::Summaries.named()), "{line2}");
+    let want = cluster.pgbench_fingerprints();
+    cluster.stop_and_wipe();
+    let run = cluster.restore(&[
+        "--backup",
+        &incr2,
+        "--target",
+        "immediate",
+        "--target-action",
+        "promote",
+    ]);
+    assert!(run.success(), "{run:?}");
+    cluster.start();
+    cluster.wait_promoted();
+    assert_eq!(cluster.pgbench_fingerprints(), want);
+    cluster.check_pages_and_stop();
 }
 
 /// The archived object of WAL segment `name`.
@@ -264,8 +374,20 @@ fn state_pgbench(cluster: &Cluster) -> Vec<String> {
 /// (a debug-build hook), the restored table differs from the live one.
 #[test]
 fn a_map_missing_one_block_restores_different_data() {
+    map_missing_one_block(Source::Archive);
+}
+
+#[test]
+fn a_summaries_map_missing_one_block_restores_different_data() {
+    if skip_without_summaries() {
+        return;
+    }
+    map_missing_one_block(Source::Summaries);
+}
+
+fn map_missing_one_block(source: Source) {
     let mut cluster = Cluster::with(ClusterOptions {
-        conf: vec!["autovacuum = off".into()],
+        conf: source.conf(),
         ..ClusterOptions::default()
     });
     cluster.execute(
@@ -287,7 +409,7 @@ fn a_map_missing_one_block_restores_different_data() {
         .unwrap();
     let run = Run::from_output(out);
     assert!(run.success(), "{run:?}");
-    assert!(pages_line(&run).contains("from the WAL archive"), "{run:?}");
+    assert!(pages_line(&run).contains(source.named()), "{run:?}");
     let label = run.stdout.split_whitespace().nth(1).unwrap().to_string();
     cluster.stop_and_wipe();
     let run = cluster.restore(&[

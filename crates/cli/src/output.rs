@@ -338,7 +338,16 @@ pub fn print_backup_summary(s: &BackupSummary) {
                 until,
                 records,
             } => format!("from the WAL archive ({since} to {until}, {records} records)"),
+            BlockSource::Summaries {
+                since,
+                until,
+                files,
+            } => format!("from WAL summaries ({since} to {until}, {files} summary files)"),
             BlockSource::Scan { reason } => format!("by page scan ({reason})"),
+        };
+        let source = match &b.summaries_unused {
+            Some(why) => format!("{source} [WAL summaries not used: {why}]"),
+            None => source,
         };
         println!(
             "changed pages {source}: {} relation files not read, {} read by block, {} fell back to the page scan; {} read from the data directory",

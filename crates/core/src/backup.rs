@@ -32,7 +32,7 @@ use pgkeep_repo::{keys, put_bytes, CompressWriter, PendingObject, Storage};
 use sha2::{Digest as _, Sha256};
 
 use crate::archive::wait_for_wal;
-use crate::blockmap::{self, BlockMap, Changes, MapSource};
+use crate::blockmap::{self, BlockMap, Changes, MapSource, Origin};
 use crate::chain::{Chain, ChainPages};
 use crate::check::{archive_command_ok, expected_archive_config};
 use crate::config::Config;
@@ -44,6 +44,7 @@ use crate::pg::{self, PgConn, ServerIdentity};
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::standby;
+use crate::summaries;
 use crate::user;
 use crate::walk::{walk, Entry};
 
@@ -66,6 +67,13 @@ pub enum BlockSource {
         until: Lsn,
         records: u64,
     },
+    /// The changed-block map, from the server's WAL summaries (PostgreSQL 17+) of this interval.
+    Summaries {
+        since: Lsn,
+        until: Lsn,
+        /// Summary files read.
+        files: u64,
+    },
     /// Every page read and its LSN compared; `reason` says why.
     Scan { reason: String },
 }
@@ -81,6 +89,9 @@ pub struct BlockReport {
     /// Relation main forks read whole although a map was built (storage created or truncated,
     /// a new or changed database, a file shorter than the parent's without a truncation).
     pub files_fallen_back: u64,
+    /// Why the server's WAL summaries were not used although it keeps them (17+ with
+    /// `summarize_wal = on`): they did not cover the interval, the summarizer lagged, ...
+    pub summaries_unused: Option<String>,
 }
 
 /// A page whose checksum stayed wrong on a second read: the disk under the cluster is damaged.
@@ -659,6 +670,10 @@ fn run(
 /// file PostgreSQL may recycle under it; instead the server (a standby's primary) switches WAL
 /// now, as the stop call would anyway, and the map is built from the archive alone once that
 /// segment arrives. Every failure to build the map falls back to the page scan.
+///
+/// A server that keeps WAL summaries (17+ with `summarize_wal = on`) is asked first: its
+/// summaries need no archived WAL at all. When they do not cover the interval the archive is
+/// read, and the map says why the summaries were not used.
 fn changed_blocks(
     cfg: &Config,
     conn: &mut PgConn,
@@ -679,7 +694,28 @@ fn changed_blocks(
             source.status_dir = Some(cfg.pg.data.join("pg_wal/archive_status"));
         }
     }
-    let map = blockmap::build(&source);
+    let summaries = match summaries::enabled(conn) {
+        Ok(false) => None,
+        Ok(true) => Some(summaries::build(
+            conn,
+            source.timeline,
+            source.since,
+            source.until,
+            source.archive_timeout,
+        )),
+        Err(e) => Some(Err(format!("{e:#}"))),
+    };
+    let map = match summaries {
+        Some(Ok(map)) => Ok(Ok(map)),
+        None => blockmap::build(&source),
+        Some(Err(why)) => blockmap::build(&source).map(|built| match built {
+            Ok(mut map) => {
+                map.summaries_unused = Some(why);
+                Ok(map)
+            }
+            Err(archive) => Err(format!("{archive}; WAL summaries not used: {why}")),
+        }),
+    };
     progress.finish();
     map
 }
@@ -899,6 +935,11 @@ impl Counts {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         BlockReport {
             source: match map {
+                Ok(m) if m.origin == Origin::Summaries => BlockSource::Summaries {
+                    since: m.since,
+                    until: m.until,
+                    files: m.records,
+                },
                 Ok(m) => BlockSource::Wal {
                     since: m.since,
                     until: m.until,
@@ -911,6 +952,7 @@ impl Counts {
             files_not_read: get(&self.not_read),
             files_by_block: get(&self.by_block),
             files_fallen_back: get(&self.fallen_back),
+            summaries_unused: map.as_ref().ok().and_then(|m| m.summaries_unused.clone()),
         }
     }
 }
@@ -925,8 +967,9 @@ enum Plan<'p> {
     /// reading every page.
     Pages(&'p FileRecord),
     /// A relation main fork the parent has, with the changed-block map's blocks of its relation
-    /// (all segment files) and the number of its segment file.
-    Blocks(&'p FileRecord, &'p [u32], u32),
+    /// (all segment files), its limit block (see [`Changes::Blocks`]) and the number of its
+    /// segment file.
+    Blocks(&'p FileRecord, &'p [u32], Option<u32>, u32),
 }
 
 /// A file copy's outcome: its record and the pages whose checksum failed; None if the file
@@ -992,7 +1035,9 @@ impl Copier<'_> {
             Plan::Whole => self.copy_whole(entry, buf),
             Plan::IfChanged(p) => self.copy_if_changed(entry, p, buf),
             Plan::Pages(p) => self.copy_pages(entry, p, buf),
-            Plan::Blocks(p, blocks, segno) => self.copy_blocks(entry, p, blocks, segno, buf),
+            Plan::Blocks(p, blocks, limit, segno) => {
+                self.copy_blocks(entry, p, (blocks, limit), segno, buf)
+            }
         }
     }
 
@@ -1015,7 +1060,7 @@ impl Copier<'_> {
                 let changes = RelFileLocator::of_db_dir(&db, f.relfilenode)
                     .map_or(Changes::Scan, |rel| map.changes(rel));
                 match changes {
-                    Changes::Blocks(blocks) => Plan::Blocks(p, blocks, f.segno),
+                    Changes::Blocks { blocks, limit } => Plan::Blocks(p, blocks, limit, f.segno),
                     Changes::Scan => {
                         Counts::add(&self.counts.fallen_back, 1);
                         Plan::Pages(p)
@@ -1136,25 +1181,29 @@ impl Copier<'_> {
     /// keeps the parent's, which is the hash of the bytes its chain restores. A file shorter
     /// than the parent's copy with no truncation in the WAL is not what the map describes: it
     /// is read whole, page by page.
+    ///
+    /// With a limit block (the fork was truncated to that length, or created, in the interval)
+    /// nothing of the parent's copy from the limit on counts: those blocks are stored whole, as
+    /// `GetFileBackupMethod` (src/backend/backup/basebackup_incremental.c) sends them, and a
+    /// file shorter than the parent's but not shorter than the limit is what the map describes.
     fn copy_blocks(
         &self,
         entry: &Entry,
         p: &FileRecord,
-        blocks: &[u32],
+        (blocks, limit): (&[u32], Option<u32>),
         segno: u32,
         buf: &mut [u8],
     ) -> CopyResult {
         let bs = self.block_size;
-        let per_file = u64::from(self.blocks_per_segment);
-        let first = u64::from(segno) * per_file;
-        let listed: Vec<u64> = blocks
-            .iter()
-            .map(|&b| u64::from(b))
-            .filter(|b| (first..first + per_file).contains(b))
-            .map(|b| b - first)
-            .collect();
         let parent_size = file_size(p, bs as u32);
-        if listed.is_empty() && entry.size == parent_size {
+        let plan = SegmentPlan::new(
+            (blocks, limit),
+            segno,
+            u64::from(self.blocks_per_segment),
+            parent_size,
+            bs as u64,
+        );
+        if plan.unchanged(entry.size) {
             Counts::add(&self.counts.not_read, 1);
             self.progress.advance(entry.size);
             return Ok(Some((reference(entry, p), Vec::new())));
@@ -1166,7 +1215,7 @@ impl Copier<'_> {
             .metadata()
             .with_context(|| format!("reading {}", entry.abs.display()))?
             .len();
-        if size < parent_size {
+        if !plan.describes(size) {
             Counts::add(&self.counts.fallen_back, 1);
             return self.copy_pages(entry, p, buf);
         }
@@ -1174,7 +1223,6 @@ impl Copier<'_> {
         let parent = self
             .parent
             .ok_or_else(|| anyhow!("{} has no parent backup to compare with", entry.rel))?;
-        let parent_blocks = parent_size / bs as u64;
         let n_blocks = size.div_ceil(bs as u64);
         let key = keys::backup_file(self.label, &entry.rel);
         let mut delta: Option<DeltaObject> = None;
@@ -1183,14 +1231,11 @@ impl Copier<'_> {
         let page = buf
             .get_mut(..bs)
             .ok_or_else(|| anyhow!("block size {bs} is too large for the copy buffer"))?;
-        let changed = listed
-            .into_iter()
-            .filter(|&b| b < parent_blocks.min(n_blocks));
-        for block in changed.chain(parent_blocks..n_blocks) {
+        for block in plan.reads(n_blocks) {
             if !self.read_page(&file, entry, block, page, &mut failures)? {
                 break; // the file shrank under us: WAL replay truncates it again
             }
-            let base = match block < parent_blocks {
+            let base = match block < plan.kept {
                 true => Some(older.page(p, block)?),
                 false => None,
             };
@@ -1467,6 +1512,71 @@ impl Copier<'_> {
     }
 }
 
+/// Which blocks of one relation segment file a copy by the changed-block map reads.
+#[derive(Debug, PartialEq, Eq)]
+struct SegmentPlan {
+    /// The map's blocks inside this segment file, relative to its start.
+    listed: Vec<u64>,
+    /// Blocks below this one that the map does not list are the parent chain's; from it on
+    /// every block is read and stored whole (past the parent's length, or past a limit block).
+    kept: u64,
+    parent_size: u64,
+    /// The map's limit block relative to this segment file (see [`Changes::Blocks`]).
+    limit: Option<u64>,
+    block_size: u64,
+}
+
+impl SegmentPlan {
+    fn new(
+        (blocks, limit): (&[u32], Option<u32>),
+        segno: u32,
+        per_file: u64,
+        parent_size: u64,
+        block_size: u64,
+    ) -> SegmentPlan {
+        let first = u64::from(segno) * per_file;
+        let listed = blocks
+            .iter()
+            .map(|&b| u64::from(b))
+            .filter(|b| (first..first + per_file).contains(b))
+            .map(|b| b - first)
+            .collect();
+        let limit = limit.map(|l| u64::from(l).saturating_sub(first));
+        SegmentPlan {
+            listed,
+            kept: (parent_size / block_size).min(limit.unwrap_or(u64::MAX)),
+            parent_size,
+            limit,
+            block_size,
+        }
+    }
+
+    /// Nothing to read: no listed block, no truncation, the parent's length.
+    fn unchanged(&self, size: u64) -> bool {
+        let truncated = self
+            .limit
+            .is_some_and(|l| l < self.parent_size.div_ceil(self.block_size));
+        self.listed.is_empty() && size == self.parent_size && !truncated
+    }
+
+    /// Whether a file of `size` bytes is what the map describes: not shorter than the parent's
+    /// copy unless a limit block says it was truncated, and not below that limit.
+    fn describes(&self, size: u64) -> bool {
+        size >= self.parent_size || self.limit.is_some_and(|l| size >= l * self.block_size)
+    }
+
+    /// The blocks to read from a file of `n_blocks` blocks: the listed ones the parent chain
+    /// holds, then every block from `kept` on.
+    fn reads(&self, n_blocks: u64) -> impl Iterator<Item = u64> + '_ {
+        let changed = self
+            .listed
+            .iter()
+            .copied()
+            .filter(move |&b| b < self.kept.min(n_blocks));
+        changed.chain(self.kept..n_blocks)
+    }
+}
+
 /// Whether a page may differ from the parent chain's copy: its LSN is at or after the parent's
 /// start (which takes in every LSN beyond the current WAL position too), it is invalid (0), or
 /// the page is new, zero or has an insane header. Only pages untouched since before the parent
@@ -1552,6 +1662,32 @@ mod tests {
         page[16..18].copy_from_slice(&8192u16.to_ne_bytes());
         page[18..20].copy_from_slice(&(8192u16 | 4).to_ne_bytes());
         page
+    }
+
+    #[test]
+    fn a_limit_block_reads_every_block_from_the_limit_on() {
+        const BS: u64 = 8192;
+        // Segment file 1 of a relation with 100 blocks per file; the parent had 50 blocks there.
+        let plan = |blocks: &[u32], limit| SegmentPlan::new((blocks, limit), 1, 100, 50 * BS, BS);
+        let reads = |p: &SegmentPlan, n| p.reads(n).collect::<Vec<u64>>();
+        // Blocks of other segment files are not this one's; no limit: the parent's length holds.
+        let p = plan(&[3, 105, 120, 260], None);
+        assert_eq!(p.listed, vec![5, 20]);
+        assert_eq!(reads(&p, 52), vec![5, 20, 50, 51]);
+        assert!(!p.unchanged(50 * BS));
+        assert!(p.describes(50 * BS) && !p.describes(49 * BS));
+        assert!(plan(&[3], None).unchanged(50 * BS));
+        // Truncated to absolute block 130 (30 here) and grown back to 45 blocks: 30..45 are
+        // read whole even though no block there is listed, and the shorter file fits the map.
+        let p = plan(&[105], Some(130));
+        assert_eq!(p.kept, 30);
+        assert_eq!(reads(&p, 45), [vec![5], (30..45).collect()].concat());
+        assert!(!p.unchanged(50 * BS));
+        assert!(p.describes(45 * BS) && p.describes(30 * BS) && !p.describes(29 * BS));
+        // A limit in an earlier segment file: all of this one is new; one past the parent's
+        // length changes nothing.
+        assert_eq!(reads(&plan(&[], Some(0)), 3), vec![0, 1, 2]);
+        assert!(plan(&[], Some(160)).unchanged(50 * BS));
     }
 
     #[test]

@@ -32,16 +32,36 @@ use crate::repo::Repo;
 /// What changed in one relation's main fork.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Changes<'m> {
-    /// These relation blocks (sorted, across all of the relation's segment files).
-    Blocks(&'m [u32]),
+    /// These relation blocks (sorted, across all of the relation's segment files) and, when
+    /// `limit` is set, every block from `limit` on: the fork was truncated to that many blocks
+    /// (0: created anew) in the interval, so nothing of the parent's copy from there on counts.
+    Blocks {
+        blocks: &'m [u32],
+        limit: Option<u32>,
+    },
     /// Storage created or truncated, or its database or tablespace changed wholesale: scan it.
     Scan,
+}
+
+/// Where a map came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// pgkeep's WAL archive; `records` counts the records read.
+    #[default]
+    Archive,
+    /// The server's WAL summaries (PostgreSQL 17+); `records` counts the summary files read.
+    Summaries,
 }
 
 /// Changed main-fork blocks from the WAL between two LSNs.
 #[derive(Debug, Default)]
 pub(crate) struct BlockMap {
-    blocks: HashMap<RelFileLocator, Vec<u32>>,
+    pub(crate) blocks: HashMap<RelFileLocator, Vec<u32>>,
+    /// Main forks truncated (or created) in the interval, with the lowest length they had.
+    pub(crate) limits: HashMap<RelFileLocator, u32>,
+    /// Databases by (tablespace, database) created or dropped in the interval: every main fork
+    /// in them counts as created anew (WAL summaries' whole-database entries).
+    pub(crate) new_dbs: HashSet<(u32, u32)>,
     scan_rels: HashSet<RelFileLocator>,
     /// Databases by (tablespace, database); a tablespace of 0 stands for every tablespace.
     scan_dbs: HashSet<(u32, u32)>,
@@ -49,11 +69,24 @@ pub(crate) struct BlockMap {
     /// The interval the map covers.
     pub since: Lsn,
     pub until: Lsn,
-    /// Records read from the interval.
+    pub origin: Origin,
+    /// Records (archive) or summary files (summaries) read for the interval.
     pub records: u64,
+    /// Why the server's WAL summaries were not used although it keeps them.
+    pub summaries_unused: Option<String>,
 }
 
 impl BlockMap {
+    /// An empty map of the interval from `since` to `until`.
+    pub(crate) fn new(since: Lsn, until: Lsn, origin: Origin) -> BlockMap {
+        BlockMap {
+            since,
+            until,
+            origin,
+            ..BlockMap::default()
+        }
+    }
+
     /// What changed in the main fork of `rel`.
     pub fn changes(&self, rel: RelFileLocator) -> Changes<'_> {
         if self.scan_rels.contains(&rel)
@@ -63,7 +96,14 @@ impl BlockMap {
         {
             return Changes::Scan;
         }
-        Changes::Blocks(self.blocks.get(&rel).map_or(&[], Vec::as_slice))
+        let limit = match self.new_dbs.contains(&(rel.spc_oid, rel.db_oid)) {
+            true => Some(0),
+            false => self.limits.get(&rel).copied(),
+        };
+        Changes::Blocks {
+            blocks: self.blocks.get(&rel).map_or(&[], Vec::as_slice),
+            limit,
+        }
     }
 
     /// Takes in one record that ends at or after `since` and starts before `until`; an error
@@ -136,7 +176,7 @@ impl BlockMap {
         Ok(())
     }
 
-    fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         for blocks in self.blocks.values_mut() {
             blocks.sort_unstable();
             blocks.dedup();
@@ -144,7 +184,7 @@ impl BlockMap {
     }
 
     /// Test hook: forget one block, to prove that the tests notice a map missing a change.
-    fn drop_block_for_tests(&mut self) {
+    pub(crate) fn drop_block_for_tests(&mut self) {
         if !cfg!(debug_assertions) {
             return;
         }
@@ -231,11 +271,7 @@ pub(crate) fn build(src: &MapSource<'_>) -> Result<Result<BlockMap, String>> {
     if let Err(e) = wait_for_wal(src.repo, &names, src.archive_timeout, |_| {}) {
         return Ok(Err(format!("{e:#}")));
     }
-    let mut map = BlockMap {
-        since: src.since,
-        until: src.until,
-        ..BlockMap::default()
-    };
+    let mut map = BlockMap::new(src.since, src.until, Origin::Archive);
     let mut stream = WalStream::new(src.block_size);
     let mut reached = false;
     let mut refused: Option<String> = None;
@@ -384,8 +420,12 @@ mod tests {
         map.finish();
         assert_eq!(map.changes(rel(1)), Changes::Scan);
         assert_eq!(map.changes(rel(2)), Changes::Scan);
-        assert_eq!(map.changes(rel(3)), Changes::Blocks(&[9]));
-        assert_eq!(map.changes(rel(4)), Changes::Blocks(&[]));
+        let blocks = |blocks| Changes::Blocks {
+            blocks,
+            limit: None,
+        };
+        assert_eq!(map.changes(rel(3)), blocks(&[9]));
+        assert_eq!(map.changes(rel(4)), blocks(&[]));
         let other_db = RelFileLocator {
             db_oid: 6,
             ..rel(4)

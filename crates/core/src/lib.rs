@@ -27,6 +27,7 @@ pub mod retention;
 pub mod show;
 pub mod standby;
 pub mod status;
+pub(crate) mod summaries;
 pub mod timeline;
 pub mod user;
 pub mod validate;
