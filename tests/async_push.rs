@@ -114,6 +114,9 @@ fn failed_count(cluster: &Cluster) -> i64 {
 fn async_push_under_pgbench_archives_every_segment_ahead_and_pitr_matches_live() {
     let mut cluster = Cluster::new();
     set_async(&cluster, 4);
+    cluster.pg_tool_ok("pgbench", &["-i", "-s", "3", "-q"]);
+    // Taken first: backup checks that archive_command is pgkeep's, not the wrapper below.
+    cluster.backup("full");
     // A wrapper that records, per call, whether the acknowledgement was already in the spool
     // when PostgreSQL called, and how long the call took.
     let calls = cluster.dir.path().join("calls.log");
@@ -131,9 +134,6 @@ fn async_push_under_pgbench_archives_every_segment_ahead_and_pitr_matches_live()
     );
     set_mode(&script, 0o755);
     set_archive_command(&cluster, &format!("{} %p", script.display()));
-
-    cluster.pg_tool_ok("pgbench", &["-i", "-s", "3", "-q"]);
-    cluster.backup("full");
     std::thread::scope(|s| {
         let load = s.spawn(|| cluster.pg_tool("pgbench", &["-c", "2", "-T", "6", "-n"]));
         std::thread::sleep(Duration::from_millis(300));
@@ -277,7 +277,10 @@ fn a_killed_async_worker_leaves_no_ack_for_an_unstored_segment_and_the_next_push
     assert!(killed_mid_pass >= 1, "no worker was killed mid-pass");
     for name in &ready {
         let run = cluster.pgkeep_in(&cluster.data, &["archive-push", &format!("pg_wal/{name}")]);
-        assert!(run.success(), "archive-push {name} after the kills: {run:?}");
+        assert!(
+            run.success(),
+            "archive-push {name} after the kills: {run:?}"
+        );
         assert_archived_intact(&cluster, name);
     }
     assert_eq!(assert_every_ack_is_stored(&cluster), ready.len());
@@ -292,9 +295,8 @@ fn worker_pid(cluster: &Cluster) -> Option<u32> {
         .ok()?;
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let cmdline = String::from_utf8_lossy(&cmdline);
-    (cmdline.contains("archive-push-worker")
-        && cmdline.contains(cluster.config.to_str().unwrap()))
-    .then_some(pid)
+    (cmdline.contains("archive-push-worker") && cmdline.contains(cluster.config.to_str().unwrap()))
+        .then_some(pid)
 }
 
 /// Whether `pid` runs (a zombie waiting for its parent does not).
@@ -324,15 +326,23 @@ fn set_tree_writable(root: &Path, writable: bool) {
     }
 }
 
-/// Wall time of `archive-push` for each name in turn, as a backlogged archiver calls it.
+/// Wall time of `archive-push` for each name in turn, as a backlogged archiver calls it (and
+/// marks each `.done` after success, as the archiver does).
 fn time_pushes(cluster: &Cluster, names: &[String]) -> Vec<Duration> {
+    let status = cluster.data.join("pg_wal/archive_status");
     names
         .iter()
         .map(|name| {
             let start = Instant::now();
-            let run = cluster.pgkeep_in(&cluster.data, &["archive-push", &format!("pg_wal/{name}")]);
+            let run =
+                cluster.pgkeep_in(&cluster.data, &["archive-push", &format!("pg_wal/{name}")]);
             let took = start.elapsed();
             assert!(run.success(), "archive-push {name}: {run:?}");
+            fs::rename(
+                status.join(format!("{name}.ready")),
+                status.join(format!("{name}.done")),
+            )
+            .unwrap();
             took
         })
         .collect()
@@ -354,11 +364,7 @@ fn async_push_to_s3_stores_every_segment_and_later_calls_return_at_once() {
     let Some(s3) = S3Server::start() else { return };
     s3.create_bucket("pgkeep");
     let cluster = Cluster::with(ClusterOptions {
-        repo_toml: Some(s3.repo_toml(
-            "pgkeep",
-            "main",
-            Path::new("{dir}/repo/catalog.db"),
-        )),
+        repo_toml: Some(s3.repo_toml("pgkeep", "main", Path::new("{dir}/repo/catalog.db"))),
         ..ClusterOptions::default()
     });
     // A backlog of .ready segments, pushed below as PostgreSQL's archiver would, in order.
@@ -379,22 +385,17 @@ fn async_push_to_s3_stores_every_segment_and_later_calls_return_at_once() {
     let asynchronous = time_pushes(&cluster, async_names);
     let async_total = async_start.elapsed();
     eprintln!(
-        "archive-push to s3s-fs, {} segments each: sync median {:.1} ms/call, total {:.0} ms; async (process-max 4) median {:.1} ms/call, first {:.1} ms, total {:.0} ms",
+        "archive-push to s3s-fs, {} segments each: sync median {:.1} ms/call, total {:.0} ms; async (process-max 4) first call {:.1} ms, median of the later calls {:.1} ms, total {:.0} ms",
         sync_names.len(),
         ms(median(sync.clone())),
         ms(sync_total),
-        ms(median(asynchronous.clone())),
         ms(asynchronous[0]),
+        ms(median(asynchronous[1..].to_vec())),
         ms(async_total)
     );
     for name in &ready {
         assert_archived_intact(&cluster, name);
     }
-    let acks = acked(&cluster);
-    assert!(
-        async_names.iter().all(|n| acks.contains(n)),
-        "{acks:?}"
-    );
     // The calls after the first found their segment stored: well under one push each.
     assert!(
         median(asynchronous[1..].to_vec()) < median(sync),

@@ -629,7 +629,10 @@ data = "/d"
     fn archive_async_keys_parse_with_defaults_beside_the_catalog() {
         let cfg = parse(MINIMAL, Path::new("/x.toml")).unwrap().archive;
         assert!(!cfg.push_async);
-        assert_eq!(cfg.spool_path, Path::new("/var/lib/pgkeep/catalog.db.spool"));
+        assert_eq!(
+            cfg.spool_path,
+            Path::new("/var/lib/pgkeep/catalog.db.spool")
+        );
         assert_eq!(cfg.process_max, 2);
         assert_eq!(cfg.push_timeout, Duration::from_secs(60));
         let text = format!(
