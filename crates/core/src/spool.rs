@@ -171,7 +171,9 @@ fn work(cfg: &Config, spool: &Spool, pg_wal: &Path) -> Result<()> {
                 let acked = spool.ack(n).is_some_and(|ack| {
                     fs::metadata(pg_wal.join(n)).is_ok_and(|m| ack == FileId::of(&m))
                 });
-                !acked && !(tried.contains(n) && spool.error(n).is_some())
+                // A failed segment is tried again only once its error file is gone.
+                let failed_here = tried.contains(n) && spool.error(n).is_some();
+                !(acked || failed_here)
             })
             .take(jobs * PASS_PER_PROCESS)
             .collect();
