@@ -233,12 +233,20 @@ fn outage_then_repair(cluster: &Cluster, break_repo: impl Fn(), repair: impl Fn(
     set_async(cluster, 2);
     switch_segments(cluster, 1);
     cluster.switch_wal_and_wait();
+    let last_archived =
+        || cluster.query_text("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+    let archived_before = last_archived();
     break_repo();
     let failures_before = failed_count(cluster);
     switch_segments(cluster, 4);
     wait_until("two failed archive-push calls", cluster, || {
-        failed_count(cluster) >= failures_before + 2
+        failed_count(cluster) >= failures_before + 2 || last_archived() != archived_before
     });
+    assert_eq!(
+        last_archived(),
+        archived_before,
+        "PostgreSQL was told a segment was archived while the repository refused writes"
+    );
     let ready = status_names(cluster, ".ready");
     assert!(ready.len() >= 4, "{ready:?}");
     for name in &ready {
