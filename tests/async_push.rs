@@ -452,3 +452,42 @@ fn async_push_to_s3_stores_every_segment_and_later_calls_return_at_once() {
         "async calls were not faster than pushing"
     );
 }
+
+#[test]
+fn a_worker_that_cannot_start_fails_the_push_at_once_with_its_one_line_error() {
+    let cluster = Cluster::new();
+    set_async(&cluster, 2);
+    set_archive_command(&cluster, "false");
+    switch_segments(&cluster, 1);
+    wait_until("a .ready segment", &cluster, || {
+        !status_names(&cluster, ".ready").is_empty()
+    });
+    let name = status_names(&cluster, ".ready")[0].clone();
+    // The foreground can test this lock, the worker cannot take it.
+    let lock = spool(&cluster).join("worker.lock");
+    if !spool(&cluster).exists() {
+        fs::create_dir(spool(&cluster)).unwrap();
+        chown_to_postgres(&spool(&cluster));
+    }
+    let _ = fs::remove_file(&lock);
+    fs::create_dir(&lock).unwrap();
+    let start = Instant::now();
+    let run = cluster.pgkeep_in(&cluster.data, &["archive-push", &format!("pg_wal/{name}")]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "waited {:?} for a worker that had failed",
+        start.elapsed()
+    );
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{run:?}");
+    assert!(
+        run.stderr.contains("archive-push worker") && run.stderr.contains("worker.lock"),
+        "{run:?}"
+    );
+    eprintln!("{}", run.stderr.trim());
+    assert!(acked(&cluster).is_empty());
+    fs::remove_dir(&lock).unwrap();
+    let run = cluster.pgkeep_in(&cluster.data, &["archive-push", &format!("pg_wal/{name}")]);
+    assert!(run.success(), "{run:?}");
+    assert_archived_intact(&cluster, &name);
+}

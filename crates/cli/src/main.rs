@@ -115,13 +115,14 @@ fn archive_get_in_raw_args() -> Option<Option<String>> {
 }
 
 /// Start `pgkeep archive-push-worker` for `pg_wal` as a detached process: its own process
-/// group (signals meant for the archiver and its command do not reach it), no terminal, not
-/// waited for; it reports through the spool.
+/// group (signals meant for the archiver and its command do not reach it), no terminal, stderr
+/// into `stderr`; it reports through the spool.
 fn start_push_worker(
     cfg: &pgkeep_core::Config,
     pg_wal: &std::path::Path,
+    stderr: std::fs::File,
     allow_root: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     let exe = std::env::current_exe()?;
@@ -134,10 +135,9 @@ fn start_push_worker(
         .arg(pg_wal)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .process_group(0);
-    cmd.spawn()?;
-    Ok(())
+    Ok(cmd.spawn()?)
 }
 
 /// Errors print as one line, whatever their sources put in them.
@@ -173,7 +173,9 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::ArchivePush { wal_path } => {
             if cfg.archive.push_async {
-                let start = |pg_wal: &std::path::Path| start_push_worker(&cfg, pg_wal, allow_root);
+                let start = |pg_wal: &std::path::Path, stderr: std::fs::File| {
+                    start_push_worker(&cfg, pg_wal, stderr, allow_root)
+                };
                 pgkeep_core::spool::push(&cfg, &wal_path, &start)?;
             } else {
                 pgkeep_core::archive::archive_push(&cfg, &wal_path)?;

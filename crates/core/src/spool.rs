@@ -9,7 +9,9 @@
 //!   field pushes the file itself instead (the stored-copy comparison then decides);
 //! - `error/<name>`: the one-line error of the worker's last attempt at a segment;
 //! - `worker.lock`: a POSIX write lock held by the one running worker, with its pid;
-//! - `worker.error`: why the last worker stopped before trying anything.
+//! - `worker.error`: why the last worker stopped before trying anything;
+//! - `worker.stderr`: what the last worker started by a waiting `archive-push` printed, read
+//!   when it exits with a failure (it could not even read the config, say).
 //!
 //! Nothing in the spool is needed for safety: losing an acknowledgement only costs a second
 //! push, which finds the stored copy. Acknowledgements and errors of names that are no longer
@@ -22,6 +24,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -44,12 +47,12 @@ pub enum AsyncPush {
 }
 
 /// `archive-push` with `[archive] async = true`. `start_worker` starts a detached
-/// [`run_worker`] process for the given `pg_wal` directory; it is called only while no worker
-/// holds the spool's lock.
+/// [`run_worker`] process for the given `pg_wal` directory, its stderr going to the given file;
+/// it is called only while no worker holds the spool's lock.
 pub fn push(
     cfg: &Config,
     wal_path: &Path,
-    start_worker: &dyn Fn(&Path) -> Result<()>,
+    start_worker: &dyn Fn(&Path, File) -> Result<Child>,
 ) -> Result<AsyncPush> {
     let name = wal_path
         .file_name()
@@ -85,7 +88,7 @@ pub fn push(
     spool.remove(ERROR_DIR, name);
     let timeout = cfg.archive.push_timeout;
     let start = Instant::now();
-    let mut started: Option<(Instant, SystemTime)> = None;
+    let mut started: Option<(Instant, SystemTime, Child)> = None;
     let mut pause = Duration::from_millis(2);
     loop {
         if let Some(ack) = spool.ack(name) {
@@ -99,9 +102,21 @@ pub fn push(
             spool.remove(ERROR_DIR, name);
             bail!("{message}");
         }
+        if let Some((_, _, child)) = started.as_mut() {
+            if let Some(status) = child.try_wait().ok().flatten() {
+                if !status.success() {
+                    let said =
+                        fs::read_to_string(spool.dir.join(WORKER_STDERR)).unwrap_or_default();
+                    bail!(
+                        "the archive-push worker failed ({status}): {}",
+                        one_line(&said).trim_start_matches("pgkeep: error: ")
+                    );
+                }
+            }
+        }
         if spool.worker_pid()?.is_none() {
-            if let Some((at, wall)) = started {
-                if let Some(message) = spool.worker_error_since(wall) {
+            if let Some((at, wall, _)) = &started {
+                if let Some(message) = spool.worker_error_since(*wall) {
                     bail!("the archive-push worker stopped: {message}");
                 }
                 // A worker started just now may not hold the lock yet; one that had finished
@@ -111,8 +126,12 @@ pub fn push(
                     continue;
                 }
             }
-            started = Some((Instant::now(), SystemTime::now()));
-            start_worker(&pg_wal).context("starting the archive-push worker")?;
+            let stderr_path = spool.dir.join(WORKER_STDERR);
+            let stderr = File::create(&stderr_path)
+                .with_context(|| format!("creating {}", stderr_path.display()))?;
+            let child =
+                start_worker(&pg_wal, stderr).context("starting the archive-push worker")?;
+            started = Some((Instant::now(), SystemTime::now(), child));
         }
         if start.elapsed() >= timeout {
             bail!(
@@ -158,6 +177,8 @@ const ACK_DIR: &str = "ok";
 const ERROR_DIR: &str = "error";
 const LOCK_FILE: &str = "worker.lock";
 const WORKER_ERROR: &str = "worker.error";
+/// What the last worker this host's `archive-push` started wrote to stderr.
+const WORKER_STDERR: &str = "worker.stderr";
 
 fn work(cfg: &Config, spool: &Spool, pg_wal: &Path) -> Result<()> {
     spool.remove_temp_files();
