@@ -18,7 +18,7 @@
 //! `.ready` are removed by every worker pass, so the spool holds at most one small file per
 //! segment PostgreSQL still waits on.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -173,6 +173,10 @@ const RESTART_AFTER: Duration = Duration::from_millis(500);
 /// behind a long backlog for long.
 const PASS_PER_PROCESS: usize = 8;
 
+/// Attempts at one segment per worker run: enough for the retries PostgreSQL asks for while
+/// a run lasts, few enough that a spool refusing writes cannot keep a worker pushing forever.
+const MAX_TRIES: u32 = 10;
+
 const ACK_DIR: &str = "ok";
 const ERROR_DIR: &str = "error";
 const LOCK_FILE: &str = "worker.lock";
@@ -183,7 +187,7 @@ const WORKER_STDERR: &str = "worker.stderr";
 fn work(cfg: &Config, spool: &Spool, pg_wal: &Path) -> Result<()> {
     spool.remove_temp_files();
     let jobs = cfg.archive.process_max.max(1);
-    let mut tried: HashSet<String> = HashSet::new();
+    let mut tries: HashMap<String, u32> = HashMap::new();
     loop {
         spool.clean(pg_wal)?;
         let todo: Vec<String> = ready_names(pg_wal)?
@@ -192,9 +196,13 @@ fn work(cfg: &Config, spool: &Spool, pg_wal: &Path) -> Result<()> {
                 let acked = spool.ack(n).is_some_and(|ack| {
                     fs::metadata(pg_wal.join(n)).is_ok_and(|m| ack == FileId::of(&m))
                 });
-                // A failed segment is tried again only once its error file is gone.
-                let failed_here = tried.contains(n) && spool.error(n).is_some();
-                !(acked || failed_here)
+                // Once tried, a segment is tried again only when its error file is gone (a
+                // waiting push asks so), and at most a few times per run, so a file whose
+                // acknowledgement never matches or a spool refusing writes ends the run.
+                let done_here = tries.get(n).is_some_and(|&t| {
+                    t >= MAX_TRIES || spool.error(n).is_some() || spool.ack(n).is_some()
+                });
+                !(acked || done_here)
             })
             .take(jobs * PASS_PER_PROCESS)
             .collect();
@@ -215,7 +223,9 @@ fn work(cfg: &Config, spool: &Spool, pg_wal: &Path) -> Result<()> {
                 });
             }
         });
-        tried.extend(done.into_inner().unwrap_or_else(|p| p.into_inner()));
+        for name in done.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            *tries.entry(name).or_default() += 1;
+        }
     }
 }
 
