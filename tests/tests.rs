@@ -5,6 +5,7 @@
 mod harness;
 
 mod archive;
+mod async_push;
 mod backup;
 mod blockmap;
 mod cli;

@@ -26,7 +26,7 @@ pub const VERSIONS: &[(u32, &str)] = &[
     (18, "18.4.0-beta.17"),
 ];
 
-/// The integration tests run on every major: archiving, full and incremental backups, PITR by
+/// The integration tests run on every major: archiving (and pushed ahead asynchronously), full and incremental backups, PITR by
 /// time and by LSN, delta restore, validate and catalog rebuild (pg_control per major), recovery
 /// stopping at a damaged segment, the restore command, the choice of backup by timeline, the
 /// repository's refusal of another major, the WAL decoder against the server's own reader (16+),
@@ -37,6 +37,7 @@ pub const SUBSET: &[&str] = &[
     "archive::archiving_under_pgbench_loses_nothing_and_get_returns_identical_bytes",
     "archive::history_files_are_archived_and_returned",
     "archive::recovery_stops_at_a_corrupt_archived_segment_instead_of_promoting_without_it",
+    "async_push::async_push_under_pgbench_archives_every_segment_ahead_and_pitr_matches_live",
     "backup::full_backup_under_pgbench_load_reaches_done_with_every_field",
     "incremental::a_full_diff_incr_incr_chain_restores_every_backup_to_its_data",
     "restore::restore_to_a_time_after_a_backup_under_load_matches_fingerprints",

@@ -34,6 +34,13 @@ pub enum Command {
         /// Path of the file, relative to the data directory as PostgreSQL passes it.
         wal_path: PathBuf,
     },
+    /// The background worker of an asynchronous archive-push ([archive] async = true), started
+    /// by archive-push itself: pushes the `.ready` files of this pg_wal directory ahead.
+    #[command(hide = true)]
+    ArchivePushWorker {
+        /// Absolute path of the cluster's pg_wal directory.
+        pg_wal: PathBuf,
+    },
     /// Fetch one archived WAL file: restore_command = 'pgkeep --config FILE archive-get %f "%p"'.
     ArchiveGet {
         /// Name of the WAL file (segment, .history, .backup or .partial).

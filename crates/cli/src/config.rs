@@ -105,6 +105,11 @@ struct BackupSection {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct ArchiveSection {
     check_timeout: Option<u64>,
+    #[serde(rename = "async")]
+    push_async: Option<bool>,
+    spool_path: Option<PathBuf>,
+    process_max: Option<usize>,
+    push_timeout: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -305,12 +310,7 @@ fn finish(file: File<Vec<(String, RepoSection)>>, path: &Path) -> Result<Config,
             .map_or(defaults.archive_timeout, Duration::from_secs),
         standby_max_lag,
     };
-    let archive = ArchiveConfig {
-        check_timeout: file
-            .archive
-            .check_timeout
-            .map_or(ArchiveConfig::default().check_timeout, Duration::from_secs),
-    };
+    let archive = archive_config(&file.archive, &repo, path, &absolute)?;
     let r = &file.retention;
     let bad = |what: String| ConfigError(format!("config file {}: {what}", path.display()));
     if r.full == Some(0) {
@@ -358,6 +358,46 @@ fn finish(file: File<Vec<(String, RepoSection)>>, path: &Path) -> Result<Config,
         drill: DrillConfig {
             dir: file.drill.dir,
         },
+    })
+}
+
+/// `[archive]`: the spool path must be absolute (the archiver runs pgkeep from the data
+/// directory), `process-max` and `push-timeout` at least 1.
+fn archive_config(
+    a: &ArchiveSection,
+    repo: &RepoConfig,
+    path: &Path,
+    absolute: &dyn Fn(&Path, &str) -> Result<(), ConfigError>,
+) -> Result<ArchiveConfig, ConfigError> {
+    let defaults = ArchiveConfig::default();
+    let err = |what: &str| ConfigError(format!("config file {}: {what}", path.display()));
+    let spool_path = match &a.spool_path {
+        Some(p) => {
+            absolute(p, "[archive] spool-path")?;
+            p.clone()
+        }
+        None => repo.default_spool(),
+    };
+    if a.process_max == Some(0) {
+        return Err(err(
+            "[archive] process-max = 0 would push nothing: set 1 or more",
+        ));
+    }
+    if a.push_timeout == Some(0) {
+        return Err(err(
+            "[archive] push-timeout = 0 leaves no time to push: set 1 (seconds) or more",
+        ));
+    }
+    Ok(ArchiveConfig {
+        check_timeout: a
+            .check_timeout
+            .map_or(defaults.check_timeout, Duration::from_secs),
+        push_async: a.push_async.unwrap_or(defaults.push_async),
+        spool_path,
+        process_max: a.process_max.unwrap_or(defaults.process_max),
+        push_timeout: a
+            .push_timeout
+            .map_or(defaults.push_timeout, Duration::from_secs),
     })
 }
 
@@ -727,6 +767,36 @@ data = "/d"
         }
         assert_eq!(parse_window("36h"), chrono::TimeDelta::try_hours(36));
         assert_eq!(parse_window("2w"), chrono::TimeDelta::try_weeks(2));
+    }
+
+    #[test]
+    fn archive_async_keys_parse_with_defaults_beside_the_catalog() {
+        let cfg = parse(MINIMAL, Path::new("/x.toml")).unwrap().archive;
+        assert!(!cfg.push_async);
+        assert_eq!(
+            cfg.spool_path,
+            Path::new("/var/lib/pgkeep/catalog.db.spool")
+        );
+        assert_eq!(cfg.process_max, 2);
+        assert_eq!(cfg.push_timeout, Duration::from_secs(60));
+        let text = format!(
+            "{MINIMAL}[archive]\nasync = true\nspool-path = \"/var/spool/pgkeep\"\nprocess-max = 4\npush-timeout = 30\n"
+        );
+        let cfg = parse(&text, Path::new("/x.toml")).unwrap().archive;
+        assert!(cfg.push_async);
+        assert_eq!(cfg.spool_path, Path::new("/var/spool/pgkeep"));
+        assert_eq!(cfg.process_max, 4);
+        assert_eq!(cfg.push_timeout, Duration::from_secs(30));
+        for (bad, needle) in [
+            ("spool-path = \"spool\"", "[archive] spool-path"),
+            ("process-max = 0", "process-max"),
+            ("push-timeout = 0", "push-timeout"),
+            ("async = \"yes\"", "line"),
+        ] {
+            let text = format!("{MINIMAL}[archive]\n{bad}\n");
+            let err = parse(&text, Path::new("/x.toml")).unwrap_err().0;
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -115,6 +115,32 @@ fn archive_get_in_raw_args() -> Option<Option<String>> {
     None
 }
 
+/// Start `pgkeep archive-push-worker` for `pg_wal` as a detached process: its own process
+/// group (signals meant for the archiver and its command do not reach it), no terminal, stderr
+/// into `stderr`; it reports through the spool.
+fn start_push_worker(
+    cfg: &pgkeep_core::Config,
+    pg_wal: &std::path::Path,
+    stderr: std::fs::File,
+    allow_root: bool,
+) -> anyhow::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--config").arg(&cfg.config_path);
+    if allow_root {
+        cmd.arg("--allow-root");
+    }
+    cmd.arg("archive-push-worker")
+        .arg(pg_wal)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .process_group(0);
+    Ok(cmd.spawn()?)
+}
+
 /// Errors print as one line, whatever their sources put in them.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
@@ -128,6 +154,7 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
         .into());
     }
     let cfg = config::load(args.config.as_deref())?;
+    let allow_root = args.allow_root;
     match args.command {
         Command::Init { repo } => {
             for c in repos::every(&cfg, repo)? {
@@ -149,7 +176,17 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::ArchivePush { wal_path } => {
-            pgkeep_core::archive::archive_push(&cfg, &wal_path)?;
+            if cfg.archive.push_async {
+                let start = |pg_wal: &std::path::Path, stderr: std::fs::File| {
+                    start_push_worker(&cfg, pg_wal, stderr, allow_root)
+                };
+                pgkeep_core::spool::push(&cfg, &wal_path, &start)?;
+            } else {
+                pgkeep_core::archive::archive_push(&cfg, &wal_path)?;
+            }
+        }
+        Command::ArchivePushWorker { pg_wal } => {
+            pgkeep_core::spool::run_worker(&cfg, &pg_wal)?;
         }
         Command::ArchiveGet {
             wal_name,

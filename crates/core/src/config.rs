@@ -110,6 +110,12 @@ impl RepoConfig {
         format!("repo{} ({})", self.number, self.describe())
     }
 
+    /// The default `[archive] spool-path`: beside the catalog, on this host, where the OS user
+    /// that runs `archive-push` can already write.
+    pub fn default_spool(&self) -> PathBuf {
+        sibling(&self.catalog, ".spool")
+    }
+
     /// The file whose lock allows one backup at a time: inside a local repository; beside the
     /// catalog for S3, so only backups started on this host are kept apart (one host writes a
     /// bucket prefix).
@@ -169,6 +175,15 @@ pub struct BackupConfig {
 pub struct ArchiveConfig {
     /// How long `check` waits for the switched segment to reach the archive.
     pub check_timeout: Duration,
+    /// `async = true`: `archive-push` hands segments to a background worker that pushes the
+    /// next `.ready` ones ahead (see `spool`).
+    pub push_async: bool,
+    /// Where the acknowledgements and errors of the background worker live (local, absolute).
+    pub spool_path: PathBuf,
+    /// Segments the background worker pushes at once.
+    pub process_max: usize,
+    /// How long an async `archive-push` waits for its segment's acknowledgement.
+    pub push_timeout: Duration,
 }
 
 /// Where `drill` builds its sandboxes.
@@ -193,6 +208,10 @@ impl Default for ArchiveConfig {
     fn default() -> Self {
         ArchiveConfig {
             check_timeout: Duration::from_secs(60),
+            push_async: false,
+            spool_path: PathBuf::new(),
+            process_max: 2,
+            push_timeout: Duration::from_secs(60),
         }
     }
 }

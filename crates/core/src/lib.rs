@@ -25,6 +25,7 @@ pub mod repo;
 pub mod restore;
 pub mod retention;
 pub mod show;
+pub mod spool;
 pub mod standby;
 pub mod status;
 pub(crate) mod summaries;
