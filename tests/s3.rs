@@ -398,10 +398,15 @@ fn s3_server_stopped_mid_upload_leaves_no_object_under_the_final_name() {
     let storage = s3_storage(&s3);
     let data = noise(100 << 20, 42);
     let mut pending = storage.create("big/cut").unwrap();
-    // Two parts handed off, then the server dies under the rest.
+    // Two parts handed off, then the server dies under the third, which fails once the client
+    // has used up its retries (about 6 s); the server is back before the commit, so only the
+    // lost part can make it fail.
     pending.write_all(&data[..64 << 20]).unwrap();
     s3.stop();
-    let committed = match pending.write_all(&data[64 << 20..]) {
+    let written = pending.write_all(&data[64 << 20..]);
+    std::thread::sleep(Duration::from_secs(12));
+    s3.restart();
+    let committed = match written {
         Ok(()) => pending.commit(),
         Err(e) => Err(pgkeep_repo::StorageError::Source {
             key: "big/cut".into(),
@@ -409,7 +414,6 @@ fn s3_server_stopped_mid_upload_leaves_no_object_under_the_final_name() {
         }),
     };
     assert!(committed.is_err(), "{committed:?}");
-    s3.restart();
     assert_eq!(storage.size("big/cut").unwrap(), None);
     assert!(!object(&s3, "big/cut").exists());
     // Nothing stuck: the key can be written now.
