@@ -464,6 +464,7 @@ fn s3_over_https_with_a_private_ca_and_untrusted_without_it() {
             .replace("catalog.db", "other.db"),
     );
     let run = pgkeep_with(&cluster, &untrusted, &["init"]);
+    eprintln!("untrusted: {}", run.stderr.trim());
     assert_one_line(
         &run,
         1,
