@@ -2,10 +2,14 @@
 //!
 //! `object_store` is asynchronous; the rest of pgkeep is plain threads. Each storage owns a small
 //! tokio runtime and blocks on it (`Runtime::block_on` may be called from many threads at once,
-//! as backup and restore workers do). A PUT is durable when it returns, so `sync` has nothing to
-//! do. Objects are written once: a pending object is buffered in memory up to [`PART_SIZE`] and
-//! sent as one PUT, or, once bigger, as a multipart upload of parts of that size, so memory per
-//! upload stays bounded whatever the object's size.
+//! as backup and restore workers do). A PUT is durable when it returns; `commit_unsynced` (the
+//! many files of a backup) leaves its PUT in flight in a background task and `sync` waits for
+//! them all. A pending object is buffered in memory up to [`PART_SIZE`] and sent as one PUT, or,
+//! once bigger, as a multipart upload of parts of that size sent in parallel ([`PARTS_IN_FLIGHT`]),
+//! so memory per upload stays bounded whatever the object's size; big objects are read back in
+//! parallel ranged GETs ([`S3Reader`]). Over https the payload is not hashed into the request's
+//! signature (`UNSIGNED-PAYLOAD`): TLS already protects it in transit, and pgkeep checks every
+//! object's CRC-32C and SHA-256 itself; over plain http it is.
 //!
 //! `commit_new` must never replace an object. Where `init` found that the server enforces
 //! `If-None-Match: *` (the probe's answer is kept in the bucket at [`keys::STORAGE_INFO`]), a
@@ -95,6 +99,11 @@ struct Inner {
     create_enforced: OnceLock<bool>,
     /// One permit per part upload in flight ([`PARTS_IN_FLIGHT`]).
     part_permits: Arc<Semaphore>,
+    /// PUTs of `commit_unsynced` not yet waited for by `sync`.
+    background: std::sync::Mutex<Vec<JoinHandle<Result<()>>>>,
+    /// Bytes ([`UNSYNCED_BYTES`]) and requests ([`UNSYNCED_PUTS`]) of those PUTs in flight.
+    unsynced_bytes: Arc<Semaphore>,
+    unsynced_puts: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -107,6 +116,12 @@ impl std::fmt::Debug for Inner {
 
 /// Objects up to this size are one PUT; bigger ones are uploaded in parts of this size.
 pub const PART_SIZE: usize = 32 << 20;
+
+/// Bytes of `commit_unsynced` PUTs a storage keeps in flight before the next one waits.
+pub const UNSYNCED_BYTES: usize = 64 << 20;
+
+/// `commit_unsynced` PUTs a storage keeps in flight before the next one waits.
+pub const UNSYNCED_PUTS: usize = 16;
 
 /// Parts of one storage (all its uploads together) being sent at once. With each writer's part
 /// being filled, an upload's memory is at most `(PARTS_IN_FLIGHT + writers) * PART_SIZE`
@@ -155,6 +170,7 @@ impl S3Storage {
             .with_access_key_id(&cfg.access_key_id)
             .with_secret_access_key(&cfg.secret_access_key)
             .with_virtual_hosted_style_request(cfg.host_style)
+            .with_unsigned_payload(cfg.endpoint.starts_with("https://"))
             .with_client_options(options)
             .with_retry(retry)
             .build()
@@ -172,6 +188,9 @@ impl S3Storage {
                 cfg,
                 create_enforced: OnceLock::new(),
                 part_permits: Arc::new(Semaphore::new(PARTS_IN_FLIGHT)),
+                background: std::sync::Mutex::new(Vec::new()),
+                unsynced_bytes: Arc::new(Semaphore::new(UNSYNCED_BYTES)),
+                unsynced_puts: Arc::new(Semaphore::new(UNSYNCED_PUTS)),
             }),
         })
     }
@@ -252,6 +271,27 @@ impl Inner {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(self.error(key, e)),
+        }
+    }
+
+    /// The error of a finished background PUT, if one failed; finished ones are let go.
+    fn background_error(&self) -> Result<()> {
+        let mut list = self.background.lock().expect("background list");
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut *list)
+            .into_iter()
+            .partition(JoinHandle::is_finished);
+        *list = running;
+        drop(list);
+        for task in done {
+            self.join_background(task)?;
+        }
+        Ok(())
+    }
+
+    fn join_background(&self, task: JoinHandle<Result<()>>) -> Result<()> {
+        match self.block_on(task) {
+            Ok(put) => put,
+            Err(join) => Err(StorageError::io("", io::Error::other(join))),
         }
     }
 
@@ -383,6 +423,19 @@ impl Storage for S3Storage {
     fn conditional_create(&self) -> Result<Option<bool>> {
         self.inner.create_enforced().map(Some)
     }
+
+    /// Waits for every PUT that `commit_unsynced` left in flight; the first failure, if any.
+    fn sync(&self) -> Result<()> {
+        let tasks = std::mem::take(&mut *self.inner.background.lock().expect("background list"));
+        let mut first = Ok(());
+        for task in tasks {
+            let joined = self.inner.join_background(task);
+            if first.is_ok() {
+                first = joined;
+            }
+        }
+        first
+    }
 }
 
 /// An object being written: bytes buffered up to [`PART_SIZE`], then each full buffer handed to
@@ -506,6 +559,37 @@ impl Write for S3Pending {
 impl PendingObject for S3Pending {
     fn commit(mut self: Box<Self>) -> Result<()> {
         self.finish(PutMode::Overwrite)
+    }
+
+    /// A single-PUT object is handed to a background task and this returns at once, so the many
+    /// small files of a backup are in flight together; [`Storage::sync`] waits for them all and
+    /// fails if any PUT failed. At most [`UNSYNCED_BYTES`] in [`UNSYNCED_PUTS`] PUTs wait at
+    /// once. A multipart object is completed here, as by `commit`.
+    fn commit_unsynced(mut self: Box<Self>) -> Result<()> {
+        if self.upload.is_some() {
+            return self.finish(PutMode::Overwrite);
+        }
+        let inner = Arc::clone(&self.inner);
+        inner.background_error()?;
+        let bytes = std::mem::take(&mut self.buf);
+        let weight = u32::try_from(bytes.len().clamp(1, UNSYNCED_BYTES)).unwrap_or(u32::MAX);
+        let permits = inner.block_on(async {
+            let bytes = Arc::clone(&inner.unsynced_bytes)
+                .acquire_many_owned(weight)
+                .await;
+            let puts = Arc::clone(&inner.unsynced_puts).acquire_owned().await;
+            (bytes, puts)
+        });
+        let store = inner.store.clone();
+        let cfg = inner.cfg.clone();
+        let (path, key) = (self.path.clone(), std::mem::take(&mut self.key));
+        let task = inner.runtime.spawn(async move {
+            let put = store.put(&path, PutPayload::from(bytes)).await;
+            drop(permits);
+            put.map(|_| ()).map_err(|e| classify(&cfg, &key, e))
+        });
+        inner.background.lock().expect("background list").push(task);
+        Ok(())
     }
 
     fn commit_new(mut self: Box<Self>) -> Result<()> {
