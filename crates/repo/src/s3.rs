@@ -99,6 +99,9 @@ struct Inner {
     create_enforced: OnceLock<bool>,
     /// One permit per part upload in flight ([`PARTS_IN_FLIGHT`]).
     part_permits: Arc<Semaphore>,
+    /// The GET of [`keys::STORAGE_INFO`] started with the client, so that DNS, the connection
+    /// and the TLS handshake overlap whatever the command does before its first request.
+    warm: std::sync::Mutex<Option<JoinHandle<object_store::Result<Bytes>>>>,
     /// PUTs of `commit_unsynced` not yet waited for by `sync`.
     background: std::sync::Mutex<Vec<JoinHandle<Result<()>>>>,
     /// Bytes ([`UNSYNCED_BYTES`]) and requests ([`UNSYNCED_PUTS`]) of those PUTs in flight.
@@ -181,8 +184,14 @@ impl S3Storage {
             .enable_all()
             .build()
             .map_err(|e| StorageError::io("", e))?;
+        let warm = {
+            let store = store.clone();
+            let path = object_path(&cfg.prefix, keys::STORAGE_INFO);
+            runtime.spawn(async move { store.get(&path).await?.bytes().await })
+        };
         Ok(S3Storage {
             inner: Arc::new(Inner {
+                warm: std::sync::Mutex::new(Some(warm)),
                 store,
                 runtime,
                 cfg,
@@ -215,13 +224,18 @@ impl S3Storage {
     }
 }
 
+/// Where `key` is in the bucket, under `prefix`.
+fn object_path(prefix: &str, key: &str) -> Path {
+    if prefix.is_empty() {
+        Path::from(key)
+    } else {
+        Path::from(format!("{prefix}/{key}"))
+    }
+}
+
 impl Inner {
     fn path(&self, key: &str) -> Path {
-        if self.cfg.prefix.is_empty() {
-            Path::from(key)
-        } else {
-            Path::from(format!("{}/{key}", self.cfg.prefix))
-        }
+        object_path(&self.cfg.prefix, key)
     }
 
     /// The key of an object listed at `location`, `None` for objects outside the prefix.
@@ -300,7 +314,13 @@ impl Inner {
         if let Some(&known) = self.create_enforced.get() {
             return Ok(known);
         }
-        let Some(bytes) = self.get(keys::STORAGE_INFO)? else {
+        let warmed = self.warm.lock().expect("warm-up GET").take();
+        let warmed = match warmed.map(|task| self.block_on(task)) {
+            Some(Ok(Ok(bytes))) => Some(bytes),
+            // Absent or failed: asked again, for an answer (or an error) of its own.
+            _ => self.get(keys::STORAGE_INFO)?,
+        };
+        let Some(bytes) = warmed else {
             return Err(StorageError::Service {
                 key: keys::STORAGE_INFO.to_owned(),
                 detail: format!(
