@@ -74,16 +74,22 @@ enum Row {
     FullRss,
     RestoreRss,
     PushRss,
+    FullServer,
+    RestoreServer,
+    PushServer,
 }
 
 impl Row {
-    const ALL: [Row; 6] = [
+    const ALL: [Row; 9] = [
         Row::Full,
         Row::Restore,
         Row::Push,
         Row::FullRss,
         Row::RestoreRss,
         Row::PushRss,
+        Row::FullServer,
+        Row::RestoreServer,
+        Row::PushServer,
     ];
 
     fn name(self) -> &'static str {
@@ -94,6 +100,9 @@ impl Row {
             Row::FullRss => "peak RSS, full backup",
             Row::RestoreRss => "peak RSS, restore",
             Row::PushRss => "peak RSS, archive-push",
+            Row::FullServer => "server CPU (s3s-fs + socat), full backup (s)",
+            Row::RestoreServer => "server CPU (s3s-fs + socat), restore (s)",
+            Row::PushServer => "server CPU (s3s-fs + socat), per segment (ms)",
         }
     }
 
@@ -109,8 +118,8 @@ impl Row {
 
     fn show(self, v: f64) -> String {
         match self {
-            Row::Full | Row::Restore => format!("{v:.1}"),
-            Row::Push => format!("{:.0}", v * 1000.0),
+            Row::Full | Row::Restore | Row::FullServer | Row::RestoreServer => format!("{v:.1}"),
+            Row::Push | Row::PushServer => format!("{:.0}", v * 1000.0),
             _ => format_bytes(v),
         }
     }
@@ -441,20 +450,24 @@ impl S3Bench {
             let mut labels = [String::new(), String::new()];
             for tool in order {
                 warm_tree(&self.data, &["pg_wal"]);
+                let cpu = self.server_cpu();
                 let m = self.checked(
                     &format!("{} full backup", TOOLS[tool]),
                     &mut self.backup_cmd(tool),
                 )?;
+                s.add(Row::FullServer, tool, self.server_cpu() - cpu);
                 s.add(Row::Full, tool, m.wall.as_secs_f64());
                 s.add(Row::FullRss, tool, m.peak_rss as f64);
                 labels[tool] = self.newest(tool)?;
             }
             for tool in order {
                 let dir = self.fresh_dir(&format!("restore-{tool}-{run}"))?;
+                let cpu = self.server_cpu();
                 let m = self.checked(
                     &format!("{} restore", TOOLS[tool]),
                     &mut self.restore_cmd(tool, &dir, &labels[tool]),
                 )?;
+                s.add(Row::RestoreServer, tool, self.server_cpu() - cpu);
                 s.add(Row::Restore, tool, m.wall.as_secs_f64());
                 s.add(Row::RestoreRss, tool, m.peak_rss as f64);
                 self.check_restored(TOOLS[tool], &dir, &fingerprint)?;
@@ -639,6 +652,7 @@ impl S3Bench {
         segments.sort();
         let mut wall = [Duration::ZERO; 2];
         let mut rss = [0u64; 2];
+        let mut server = [0f64; 2];
         for (n, seg) in segments.iter().enumerate() {
             let order = if n % 2 == 0 { [0, 1] } else { [1, 0] };
             for tool in order {
@@ -649,7 +663,9 @@ impl S3Bench {
                 } else {
                     self.pgbr_cmd(&self.bconf(&name), PUSH_STANZA, &args)
                 };
+                let cpu = self.server_cpu();
                 let m = self.quiet_checked(&format!("{} archive-push", TOOLS[tool]), &mut cmd)?;
+                server[tool] += self.server_cpu() - cpu;
                 wall[tool] += m.wall;
                 rss[tool] = rss[tool].max(m.peak_rss);
             }
@@ -658,6 +674,7 @@ impl S3Bench {
             let per = wall[tool].as_secs_f64() / segments.len() as f64;
             s.add(Row::Push, tool, per);
             s.add(Row::PushRss, tool, rss[tool] as f64);
+            s.add(Row::PushServer, tool, server[tool] / segments.len() as f64);
             println!(
                 "    {} archive-push: {:.0} ms per segment over {} segments, peak RSS {}",
                 TOOLS[tool],
@@ -720,6 +737,28 @@ impl S3Bench {
             std::thread::sleep(Duration::from_millis(200));
         }
         bail!("recovery did not reach its target within 300 s")
+    }
+
+    /// CPU seconds the S3 server and the TLS front have used so far: s3s-fs's own, socat's and
+    /// that of the per-connection children socat has reaped. A connection still open when a
+    /// step ends is counted in the step that closes it.
+    fn server_cpu(&self) -> f64 {
+        let ticks = |pid: u32, fields: &[usize]| -> f64 {
+            let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return 0.0;
+            };
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // After the name: state is field 3, so field n is f[n - 3].
+            fields
+                .iter()
+                .filter_map(|&n| f.get(n - 3)?.parse::<f64>().ok())
+                .sum()
+        };
+        let hz = 100.0; // USER_HZ on Linux
+        let s3 = self.servers.0[0].id();
+        let front = self.servers.0[1].id();
+        (ticks(s3, &[14, 15]) + ticks(front, &[14, 15, 16, 17])) / hz
     }
 
     fn checked(&self, what: &str, cmd: &mut Command) -> Result<Measured> {

@@ -657,10 +657,10 @@ struct S3Reader {
 }
 
 /// Big objects are read in ranged GETs of this size.
-pub const RANGE_SIZE: u64 = 8 << 20;
+pub const RANGE_SIZE: u64 = 4 << 20;
 
 /// Ranged GETs one reader keeps in flight: its memory is at most `(RANGES_IN_FLIGHT + 1) *
-/// RANGE_SIZE` (40 MiB).
+/// RANGE_SIZE` (20 MiB).
 pub const RANGES_IN_FLIGHT: usize = 4;
 
 /// Attempts at a ranged GET whose request or body failed with a transient error.
