@@ -471,3 +471,37 @@ fn s3_over_https_with_a_private_ca_and_untrusted_without_it() {
         &["not trusted", &tls.endpoint, "bucket pgkeep", "ca-file"],
     );
 }
+
+#[test]
+fn s3_sync_waits_for_the_puts_commit_unsynced_left_in_flight_and_reports_their_failure() {
+    let Some(mut s3) = S3Server::start() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let storage = s3_storage(&s3);
+    let data = noise(1 << 20, 5);
+    for n in 0..24 {
+        let mut pending = storage.create(&format!("many/{n}")).unwrap();
+        pending.write_all(&data).unwrap();
+        pending.commit_unsynced().unwrap();
+    }
+    storage.sync().unwrap();
+    for n in 0..24 {
+        assert_same(
+            &fs::read(object(&s3, &format!("many/{n}"))).unwrap(),
+            &data,
+            "after sync",
+        );
+    }
+    // The server gone: the commits return at once, the sync says the PUTs failed.
+    s3.stop();
+    for n in 0..3 {
+        let mut pending = storage.create(&format!("lost/{n}")).unwrap();
+        pending.write_all(&data).unwrap();
+        let _ = pending.commit_unsynced();
+    }
+    let synced = storage.sync();
+    assert!(synced.is_err(), "{synced:?}");
+    s3.restart();
+    storage.sync().unwrap();
+}
