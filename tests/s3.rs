@@ -1,12 +1,17 @@
 //! Repositories in a bucket of a real S3-compatible server (s3s-fs on loopback, data on disk):
 //! the round trips of a local repository, the catalog rebuilt from the bucket alone, write-once
-//! objects, and one-line errors for what users get wrong.
+//! objects, big objects in parallel parts and ranged reads, https with a private CA, and
+//! one-line errors for what users get wrong.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::harness::s3::{free_port, S3Server, SECRET_KEY};
+use std::io::{Read, Write};
+
+use pgkeep_repo::{S3Storage, Storage};
+
+use crate::harness::s3::{free_port, S3Server, TlsFront, SECRET_KEY};
 use crate::harness::{user_command, Cluster, ClusterOptions, Run};
 use crate::restore::server_now;
 
@@ -290,4 +295,213 @@ fn s3_server_stopped_mid_backup_leaves_it_error_and_the_next_backup_works() {
     assert_eq!(backups[0]["status"], "ERROR");
     let next = cluster.backup("full");
     assert_eq!(next["status"], "DONE");
+}
+
+/// `len` bytes that do not compress (xorshift64), made quickly.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Two big buffers equal, or a message naming the first byte that differs (never both dumped).
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    let first = got.iter().zip(want).position(|(a, b)| a != b);
+    assert!(
+        got.len() == want.len() && first.is_none(),
+        "{what}: {} bytes, want {}; first difference at {first:?}",
+        got.len(),
+        want.len()
+    );
+}
+
+/// A storage client on `s3`'s bucket, as `init` leaves it.
+fn s3_storage(s3: &S3Server) -> S3Storage {
+    let storage = S3Storage::new(s3.config(BUCKET, PREFIX)).unwrap();
+    storage.prepare().unwrap();
+    storage
+}
+
+#[test]
+fn s3_a_big_object_goes_up_in_parallel_parts_and_comes_back_in_ranged_reads_across_a_restart() {
+    let Some(mut s3) = S3Server::start() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let storage = s3_storage(&s3);
+    // 110 MiB: four parts of 32 MiB (the last one short) going up at once, then the first 4 MiB
+    // of the GET's body and 27 ranged GETs of 4 MiB coming back.
+    let data = noise(110 << 20, 0x9e37_79b9_7f4a_7c15);
+    let mut pending = storage.create("big/object").unwrap();
+    for piece in data.chunks(3 << 20) {
+        pending.write_all(piece).unwrap();
+    }
+    pending.commit_new().unwrap();
+    assert_eq!(storage.size("big/object").unwrap(), Some(data.len() as u64));
+    assert_same(
+        &fs::read(object(&s3, "big/object")).unwrap(),
+        &data,
+        "on disk",
+    );
+    let mut back = Vec::new();
+    storage
+        .open("big/object")
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert_same(&back, &data, "read back");
+
+    // The server goes away after the reads ahead were taken: the rest is fetched again once it
+    // is back, within the retries.
+    let mut reader = storage.open("big/object").unwrap();
+    let mut back = vec![0; 48 << 20];
+    reader.read_exact(&mut back).unwrap();
+    s3.stop();
+    let restarted = std::thread::scope(|scope| {
+        let restart = scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(500));
+            s3.restart();
+        });
+        let rest = reader.read_to_end(&mut back);
+        restart.join().unwrap();
+        rest
+    });
+    restarted.unwrap();
+    assert_same(&back, &data, "read back across a restart");
+
+    // Written once: a second big object at the key is refused and the first one kept.
+    let mut again = storage.create("big/object").unwrap();
+    again.write_all(&data[..40 << 20]).unwrap();
+    let refused = again.commit_new();
+    assert!(
+        matches!(
+            refused,
+            Err(pgkeep_repo::StorageError::AlreadyExists { .. })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(storage.size("big/object").unwrap(), Some(data.len() as u64));
+}
+
+#[test]
+fn s3_server_stopped_mid_upload_leaves_no_object_under_the_final_name() {
+    let Some(mut s3) = S3Server::start() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let storage = s3_storage(&s3);
+    let data = noise(100 << 20, 42);
+    let mut pending = storage.create("big/cut").unwrap();
+    // Two parts handed off, then the server dies under the third, which fails once the client
+    // has used up its retries (about 6 s); the server is back before the commit, so only the
+    // lost part can make it fail.
+    pending.write_all(&data[..64 << 20]).unwrap();
+    s3.stop();
+    let written = pending.write_all(&data[64 << 20..]);
+    std::thread::sleep(Duration::from_secs(12));
+    s3.restart();
+    let committed = match written {
+        Ok(()) => pending.commit(),
+        Err(e) => Err(pgkeep_repo::StorageError::Source {
+            key: "big/cut".into(),
+            source: e,
+        }),
+    };
+    assert!(committed.is_err(), "{committed:?}");
+    assert_eq!(storage.size("big/cut").unwrap(), None);
+    assert!(!object(&s3, "big/cut").exists());
+    // Nothing stuck: the key can be written now.
+    let mut pending = storage.create("big/cut").unwrap();
+    pending.write_all(&data).unwrap();
+    pending.commit_new().unwrap();
+    assert_same(&fs::read(object(&s3, "big/cut")).unwrap(), &data, "on disk");
+}
+
+#[test]
+fn s3_over_https_with_a_private_ca_and_untrusted_without_it() {
+    let Some(s3) = S3Server::start() else { return };
+    let Some(tls) = TlsFront::start(s3.port) else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let catalog = PathBuf::from("{dir}/repo/catalog.db");
+    let repo_toml = s3
+        .repo_toml(BUCKET, PREFIX, &catalog)
+        .replace(&s3.endpoint, &tls.endpoint)
+        + &format!("ca-file = \"{}\"\n", tls.ca_file.display());
+    let mut cluster = Cluster::with(ClusterOptions {
+        repo_toml: Some(repo_toml),
+        ..ClusterOptions::default()
+    });
+    cluster.execute(
+        "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g;",
+    );
+    let live = cluster.fingerprint("t", "id");
+    let full = cluster.backup("full");
+    assert_eq!(full["status"], "DONE");
+    cluster.switch_wal_and_wait();
+    let run = cluster.pgkeep(&["validate"]);
+    assert!(run.success(), "{run:?}");
+    cluster.stop_and_wipe();
+    let run = cluster.restore(&["--target", "immediate", "--target-action", "promote"]);
+    assert!(run.success(), "{run:?}");
+    cluster.start();
+    cluster.wait_promoted();
+    assert_eq!(cluster.fingerprint("t", "id"), live);
+
+    // Without the CA the same server is refused, in one line naming endpoint and bucket.
+    let good = fs::read_to_string(&cluster.config).unwrap();
+    let untrusted = cluster.dir.write(
+        "untrusted.toml",
+        good.replace("ca-file = ", "# ca-file = ")
+            .replace("prefix = \"main\"", "prefix = \"other\"")
+            .replace("catalog.db", "other.db"),
+    );
+    let run = pgkeep_with(&cluster, &untrusted, &["init"]);
+    eprintln!("untrusted: {}", run.stderr.trim());
+    assert_one_line(
+        &run,
+        1,
+        &["not trusted", &tls.endpoint, "bucket pgkeep", "ca-file"],
+    );
+}
+
+#[test]
+fn s3_sync_waits_for_the_puts_commit_unsynced_left_in_flight_and_reports_their_failure() {
+    let Some(mut s3) = S3Server::start() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let storage = s3_storage(&s3);
+    let data = noise(1 << 20, 5);
+    for n in 0..24 {
+        let mut pending = storage.create(&format!("many/{n}")).unwrap();
+        pending.write_all(&data).unwrap();
+        pending.commit_unsynced().unwrap();
+    }
+    storage.sync().unwrap();
+    for n in 0..24 {
+        assert_same(
+            &fs::read(object(&s3, &format!("many/{n}"))).unwrap(),
+            &data,
+            "after sync",
+        );
+    }
+    // The server gone: the commits return at once, the sync says the PUTs failed.
+    s3.stop();
+    for n in 0..3 {
+        let mut pending = storage.create(&format!("lost/{n}")).unwrap();
+        pending.write_all(&data).unwrap();
+        let _ = pending.commit_unsynced();
+    }
+    let synced = storage.sync();
+    assert!(synced.is_err(), "{synced:?}");
+    s3.restart();
+    storage.sync().unwrap();
 }

@@ -1,5 +1,6 @@
 //! A real S3-compatible server for tests: `s3s-fs` on a free loopback port, its objects in a temp
-//! directory, owned by the test (`Drop` kills it).
+//! directory, owned by the test (`Drop` kills it); [`TlsFront`] puts https in front of it with
+//! socat and a private CA made with openssl at run time.
 //!
 //! `.ci/run` installs s3s-fs when missing, so under CI (`CI=true`) a missing binary fails the test;
 //! elsewhere the test is skipped with a message saying how to install it.
@@ -114,6 +115,20 @@ impl S3Server {
         )
     }
 
+    /// A storage client for `bucket`/`prefix` of this server, as `[repo]` would configure it.
+    pub fn config(&self, bucket: &str, prefix: &str) -> pgkeep_repo::S3Config {
+        pgkeep_repo::S3Config {
+            endpoint: self.endpoint.clone(),
+            bucket: bucket.into(),
+            region: "us-east-1".into(),
+            prefix: prefix.into(),
+            host_style: false,
+            access_key_id: ACCESS_KEY.into(),
+            secret_access_key: SECRET_KEY.into(),
+            ca_file: None,
+        }
+    }
+
     /// Kill the server (the objects stay on disk).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -161,4 +176,152 @@ fn find_binary() -> Option<PathBuf> {
     dirs.into_iter()
         .map(|d| d.join("s3s-fs"))
         .find(|p| p.is_file())
+}
+
+/// https in front of a server: `socat` terminating TLS on a free loopback port with a leaf
+/// certificate for `localhost` (SAN localhost and 127.0.0.1, not a CA) signed by a CA made for
+/// the test. `Drop` kills socat.
+pub struct TlsFront {
+    child: Child,
+    /// The CA's certificate (PEM), for `ca-file`.
+    pub ca_file: PathBuf,
+    /// `https://localhost:PORT`.
+    pub endpoint: String,
+    _dir: TestDir,
+}
+
+impl TlsFront {
+    /// TLS on a free port, forwarded to `127.0.0.1:backend`; `None` (with a message) when socat
+    /// or openssl is missing outside CI.
+    pub fn start(backend: u16) -> Option<TlsFront> {
+        for tool in ["socat", "openssl"] {
+            if !on_path(tool) {
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("{tool} is not installed: .ci/run installs it");
+                }
+                eprintln!("skipped: {tool} is not installed (apt-get install {tool})");
+                return None;
+            }
+        }
+        let dir = TestDir::new();
+        make_certificates(dir.path());
+        let cert = dir.path().join("leaf.pem");
+        let key = dir.path().join("leaf.key");
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new("socat")
+                .arg(format!(
+                    "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,nodelay,verify=0,cert={},key={}",
+                    cert.display(),
+                    key.display()
+                ))
+                .arg(format!("TCP:127.0.0.1:{backend},nodelay"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting socat");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(TlsFront {
+                        child,
+                        ca_file: dir.path().join("ca.pem"),
+                        endpoint: format!("https://localhost:{port}"),
+                        _dir: dir,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("socat did not start listening on a loopback port");
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ca.pem`/`ca.key` (a CA) and `leaf.pem`/`leaf.key` (a server certificate for localhost that
+/// is not a CA, signed by it) in `dir`, readable by everyone (the keys are throwaway).
+pub fn make_certificates(dir: &Path) {
+    let ext = dir.join("leaf.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature, keyEncipherment\nextendedKeyUsage = serverAuth\nsubjectAltName = DNS:localhost, IP:127.0.0.1\n",
+    )
+    .unwrap();
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+    openssl(&[
+        &["req", "-x509", "-nodes", "-days", "2"][..],
+        &ec,
+        &[
+            "-keyout",
+            &p("ca.key"),
+            "-out",
+            &p("ca.pem"),
+            "-subj",
+            "/CN=pgkeep test CA",
+            "-addext",
+            "basicConstraints = critical, CA:TRUE",
+            "-addext",
+            "keyUsage = critical, keyCertSign, cRLSign",
+        ],
+    ]);
+    openssl(&[
+        &["req", "-nodes"][..],
+        &ec,
+        &[
+            "-keyout",
+            &p("leaf.key"),
+            "-out",
+            &p("leaf.csr"),
+            "-subj",
+            "/CN=localhost",
+        ],
+    ]);
+    openssl(&[&[
+        "x509",
+        "-req",
+        "-days",
+        "2",
+        "-in",
+        &p("leaf.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-out",
+        &p("leaf.pem"),
+        "-extfile",
+        &p("leaf.ext"),
+    ][..]]);
+    for name in ["ca.pem", "leaf.pem", "leaf.key"] {
+        super::chown_to_postgres(&dir.join(name));
+    }
+}
+
+fn openssl(args: &[&[&str]]) {
+    let out = Command::new("openssl")
+        .args(args.concat())
+        .output()
+        .expect("running openssl");
+    assert!(
+        out.status.success(),
+        "openssl {:?}: {}",
+        args.concat(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }

@@ -6,8 +6,8 @@
 //! exception is a pgkeep command that does not exist yet in this build (`backup --type incr`,
 //! `validate`): its row says `n/a (command failed: ...)` instead.
 
-mod measure;
-mod report;
+pub(crate) mod measure;
+pub(crate) mod report;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -1002,7 +1002,7 @@ fn step(what: &str) {
 
 /// The program's path, installing its Debian package when it is missing (`apt-get update`
 /// first only if the plain install fails, as on a machine whose package lists are stale).
-fn ensure_installed(program: &str, package: &str) -> Result<PathBuf> {
+pub(crate) fn ensure_installed(program: &str, package: &str) -> Result<PathBuf> {
     if let Some(p) = which(program) {
         return Ok(p);
     }
@@ -1091,7 +1091,7 @@ fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Reads every file under `dir` (but the subdirectories named in `skip`) into the page cache,
 /// as well as it can: files of a running cluster come and go while it reads.
-fn warm_tree(dir: &Path, skip: &[&str]) {
+pub(crate) fn warm_tree(dir: &Path, skip: &[&str]) {
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
         let Ok(entries) = fs::read_dir(&d) else {
@@ -1111,7 +1111,7 @@ fn warm_tree(dir: &Path, skip: &[&str]) {
 }
 
 /// Reads `file` through, so that its pages are in the page cache when a timed step reads it.
-fn warm_page_cache(file: &Path) -> Result<()> {
+pub(crate) fn warm_page_cache(file: &Path) -> Result<()> {
     let mut f = fs::File::open(file).with_context(|| format!("reading {}", file.display()))?;
     std::io::copy(&mut f, &mut std::io::sink())
         .with_context(|| format!("reading {}", file.display()))?;

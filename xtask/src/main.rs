@@ -1,6 +1,7 @@
 //! pgkeep's chores: `cargo xtask ci` (what CI runs), `cargo xtask demo`, `cargo xtask bench`.
 
 mod bench;
+mod bench_s3;
 mod demo;
 mod matrix;
 mod sh;
@@ -14,6 +15,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(&args[1..]),
         Some("demo") => demo::demo(args.iter().any(|a| a == "--keep")),
+        Some("bench") if args.iter().any(|a| a == "--s3") => bench_s3::bench(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
         Some("pg") => {
             // `PGKEEP_PG_BIN=$(cargo xtask pg 14) cargo nextest run ...`: one major by hand.
@@ -24,7 +26,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask ci [--majors 12,18|all|none] | pg MAJOR | demo [--keep] | bench [--scale S] [--runs N] [--keep] | bench --expire"
+                "usage: cargo xtask ci [--majors 12,18|all|none] | pg MAJOR | demo [--keep] | bench [--scale S] [--runs N] [--keep] | bench --expire | bench --s3 [--scale S] [--runs N] [--keep]"
             );
             std::process::exit(2);
         }

@@ -2,10 +2,14 @@
 //!
 //! `object_store` is asynchronous; the rest of pgkeep is plain threads. Each storage owns a small
 //! tokio runtime and blocks on it (`Runtime::block_on` may be called from many threads at once,
-//! as backup and restore workers do). A PUT is durable when it returns, so `sync` has nothing to
-//! do. Objects are written once: a pending object is buffered in memory up to [`PART_SIZE`] and
-//! sent as one PUT, or, once bigger, as a multipart upload of parts of that size, so memory per
-//! upload stays bounded whatever the object's size.
+//! as backup and restore workers do). A PUT is durable when it returns; `commit_unsynced` (the
+//! many files of a backup) leaves its PUT in flight in a background task and `sync` waits for
+//! them all. A pending object is buffered in memory up to [`PART_SIZE`] and sent as one PUT, or,
+//! once bigger, as a multipart upload of parts of that size sent in parallel ([`PARTS_IN_FLIGHT`]),
+//! so memory per upload stays bounded whatever the object's size; big objects are read back in
+//! parallel ranged GETs ([`S3Reader`]). Over https the payload is not hashed into the request's
+//! signature (`UNSIGNED-PAYLOAD`): TLS already protects it in transit, and pgkeep checks every
+//! object's CRC-32C and SHA-256 itself; over plain http it is.
 //!
 //! `commit_new` must never replace an object. Where `init` found that the server enforces
 //! `If-None-Match: *` (the probe's answer is kept in the bucket at [`keys::STORAGE_INFO`]), a
@@ -15,6 +19,7 @@
 //! same key could both see it absent; WAL keys carry the cluster's system identifier, so the only
 //! two writers of one key are retries of one archiver with the same bytes.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -29,6 +34,8 @@ use object_store::{
     RetryConfig,
 };
 use tokio::runtime::Runtime;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 
 use crate::key;
 use crate::keys;
@@ -90,6 +97,16 @@ struct Inner {
     cfg: S3Config,
     /// The probe's answer read from the bucket, once per process, when first needed.
     create_enforced: OnceLock<bool>,
+    /// One permit per part upload in flight ([`PARTS_IN_FLIGHT`]).
+    part_permits: Arc<Semaphore>,
+    /// The GET of [`keys::STORAGE_INFO`] started with the client, so that DNS, the connection
+    /// and the TLS handshake overlap whatever the command does before its first request.
+    warm: std::sync::Mutex<Option<JoinHandle<object_store::Result<Bytes>>>>,
+    /// PUTs of `commit_unsynced` not yet waited for by `sync`.
+    background: std::sync::Mutex<Vec<JoinHandle<Result<()>>>>,
+    /// Bytes ([`UNSYNCED_BYTES`]) and requests ([`UNSYNCED_PUTS`]) of those PUTs in flight.
+    unsynced_bytes: Arc<Semaphore>,
+    unsynced_puts: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -102,6 +119,17 @@ impl std::fmt::Debug for Inner {
 
 /// Objects up to this size are one PUT; bigger ones are uploaded in parts of this size.
 pub const PART_SIZE: usize = 32 << 20;
+
+/// Bytes of `commit_unsynced` PUTs a storage keeps in flight before the next one waits.
+pub const UNSYNCED_BYTES: usize = 64 << 20;
+
+/// `commit_unsynced` PUTs a storage keeps in flight before the next one waits.
+pub const UNSYNCED_PUTS: usize = 16;
+
+/// Parts of one storage (all its uploads together) being sent at once. With each writer's part
+/// being filled, an upload's memory is at most `(PARTS_IN_FLIGHT + writers) * PART_SIZE`
+/// (160 MiB for one writer), whatever the object's size.
+pub const PARTS_IN_FLIGHT: usize = 4;
 
 impl S3Storage {
     /// A client for the configured bucket; nothing is sent until the first request.
@@ -132,13 +160,20 @@ impl S3Storage {
             max_retries: 5,
             retry_timeout: Duration::from_secs(60),
         };
+        // object_store takes a host-style endpoint as already naming the bucket.
+        let endpoint = if cfg.host_style {
+            host_style_endpoint(&cfg.endpoint, &cfg.bucket)
+        } else {
+            cfg.endpoint.clone()
+        };
         let store = AmazonS3Builder::new()
-            .with_endpoint(&cfg.endpoint)
+            .with_endpoint(endpoint)
             .with_bucket_name(&cfg.bucket)
             .with_region(&cfg.region)
             .with_access_key_id(&cfg.access_key_id)
             .with_secret_access_key(&cfg.secret_access_key)
             .with_virtual_hosted_style_request(cfg.host_style)
+            .with_unsigned_payload(cfg.endpoint.starts_with("https://"))
             .with_client_options(options)
             .with_retry(retry)
             .build()
@@ -149,12 +184,22 @@ impl S3Storage {
             .enable_all()
             .build()
             .map_err(|e| StorageError::io("", e))?;
+        let warm = {
+            let store = store.clone();
+            let path = object_path(&cfg.prefix, keys::STORAGE_INFO);
+            runtime.spawn(async move { store.get(&path).await?.bytes().await })
+        };
         Ok(S3Storage {
             inner: Arc::new(Inner {
+                warm: std::sync::Mutex::new(Some(warm)),
                 store,
                 runtime,
                 cfg,
                 create_enforced: OnceLock::new(),
+                part_permits: Arc::new(Semaphore::new(PARTS_IN_FLIGHT)),
+                background: std::sync::Mutex::new(Vec::new()),
+                unsynced_bytes: Arc::new(Semaphore::new(UNSYNCED_BYTES)),
+                unsynced_puts: Arc::new(Semaphore::new(UNSYNCED_PUTS)),
             }),
         })
     }
@@ -179,13 +224,18 @@ impl S3Storage {
     }
 }
 
+/// Where `key` is in the bucket, under `prefix`.
+fn object_path(prefix: &str, key: &str) -> Path {
+    if prefix.is_empty() {
+        Path::from(key)
+    } else {
+        Path::from(format!("{prefix}/{key}"))
+    }
+}
+
 impl Inner {
     fn path(&self, key: &str) -> Path {
-        if self.cfg.prefix.is_empty() {
-            Path::from(key)
-        } else {
-            Path::from(format!("{}/{key}", self.cfg.prefix))
-        }
+        object_path(&self.cfg.prefix, key)
     }
 
     /// The key of an object listed at `location`, `None` for objects outside the prefix.
@@ -238,12 +288,39 @@ impl Inner {
         }
     }
 
+    /// The error of a finished background PUT, if one failed; finished ones are let go.
+    fn background_error(&self) -> Result<()> {
+        let mut list = self.background.lock().expect("background list");
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut *list)
+            .into_iter()
+            .partition(JoinHandle::is_finished);
+        *list = running;
+        drop(list);
+        for task in done {
+            self.join_background(task)?;
+        }
+        Ok(())
+    }
+
+    fn join_background(&self, task: JoinHandle<Result<()>>) -> Result<()> {
+        match self.block_on(task) {
+            Ok(put) => put,
+            Err(join) => Err(StorageError::io("", io::Error::other(join))),
+        }
+    }
+
     /// Whether the server refuses a conditional PUT onto an existing key, as `init` recorded it.
     fn create_enforced(&self) -> Result<bool> {
         if let Some(&known) = self.create_enforced.get() {
             return Ok(known);
         }
-        let Some(bytes) = self.get(keys::STORAGE_INFO)? else {
+        let warmed = self.warm.lock().expect("warm-up GET").take();
+        let warmed = match warmed.map(|task| self.block_on(task)) {
+            Some(Ok(Ok(bytes))) => Some(bytes),
+            // Absent or failed: asked again, for an answer (or an error) of its own.
+            _ => self.get(keys::STORAGE_INFO)?,
+        };
+        let Some(bytes) = warmed else {
             return Err(StorageError::Service {
                 key: keys::STORAGE_INFO.to_owned(),
                 detail: format!(
@@ -268,6 +345,7 @@ impl Storage for S3Storage {
             key: key.to_owned(),
             buf: Vec::new(),
             upload: None,
+            in_flight: VecDeque::new(),
         }))
     }
 
@@ -277,17 +355,7 @@ impl Storage for S3Storage {
         let got = inner
             .block_on(inner.store.get(&inner.path(key)))
             .map_err(|e| inner.error(key, e))?;
-        let cfg = inner.cfg.clone();
-        let owned_key = key.to_owned();
-        let stream = got
-            .into_stream()
-            .map_err(move |e| io::Error::other(classify(&cfg, &owned_key, e)))
-            .boxed();
-        Ok(Box::new(S3Reader {
-            inner: Arc::clone(inner),
-            stream,
-            chunk: Bytes::new(),
-        }))
+        Ok(Box::new(S3Reader::new(Arc::clone(inner), key, got)))
     }
 
     fn size(&self, key: &str) -> Result<Option<u64>> {
@@ -375,15 +443,31 @@ impl Storage for S3Storage {
     fn conditional_create(&self) -> Result<Option<bool>> {
         self.inner.create_enforced().map(Some)
     }
+
+    /// Waits for every PUT that `commit_unsynced` left in flight; the first failure, if any.
+    fn sync(&self) -> Result<()> {
+        let tasks = std::mem::take(&mut *self.inner.background.lock().expect("background list"));
+        let mut first = Ok(());
+        for task in tasks {
+            let joined = self.inner.join_background(task);
+            if first.is_ok() {
+                first = joined;
+            }
+        }
+        first
+    }
 }
 
-/// An object being written: bytes buffered up to [`PART_SIZE`], then parts uploaded as they fill.
+/// An object being written: bytes buffered up to [`PART_SIZE`], then each full buffer handed to
+/// a task that uploads it as the next part while the writer fills the following one.
 struct S3Pending {
     inner: Arc<Inner>,
     path: Path,
     key: String,
     buf: Vec<u8>,
     upload: Option<Box<dyn MultipartUpload>>,
+    /// Parts being uploaded, oldest first; each holds one of the storage's part permits.
+    in_flight: VecDeque<JoinHandle<object_store::Result<()>>>,
 }
 
 impl S3Pending {
@@ -391,34 +475,67 @@ impl S3Pending {
         self.inner.error(&self.key, e)
     }
 
-    /// Upload the buffered bytes as the next part, starting the multipart upload if needed.
+    /// Hand the buffered bytes to a task that uploads them as the next part, starting the
+    /// multipart upload if needed. Waits first for a part permit (at most [`PARTS_IN_FLIGHT`]
+    /// parts of this storage are in flight at once), so memory stays bounded.
     fn send_part(&mut self) -> Result<()> {
         let inner = Arc::clone(&self.inner);
         if self.upload.is_none() {
             let started = inner.block_on(inner.store.put_multipart(&self.path));
             self.upload = Some(started.map_err(|e| self.error(e))?);
         }
+        // A part that failed ends the upload now rather than at commit.
+        while self.in_flight.front().is_some_and(JoinHandle::is_finished) {
+            self.wait_oldest()?;
+        }
+        let permit = inner
+            .block_on(Arc::clone(&inner.part_permits).acquire_owned())
+            .expect("the part semaphore is never closed");
         let part = PutPayload::from(std::mem::take(&mut self.buf));
         let upload = self.upload.as_mut().expect("started above");
-        let sent = inner.block_on(upload.put_part(part));
-        sent.map_err(|e| self.error(e))
+        // The part's number is fixed here, at the call, whatever order the tasks finish in.
+        let send = upload.put_part(part);
+        self.in_flight.push_back(inner.runtime.spawn(async move {
+            let sent = send.await;
+            drop(permit);
+            sent
+        }));
+        Ok(())
+    }
+
+    /// Wait for the oldest part in flight; its error, if any.
+    fn wait_oldest(&mut self) -> Result<()> {
+        let Some(handle) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        match self.inner.block_on(handle) {
+            Ok(sent) => sent.map_err(|e| self.error(e)),
+            Err(join) => Err(StorageError::io(&self.key, io::Error::other(join))),
+        }
     }
 
     fn finish(&mut self, mode: PutMode) -> Result<()> {
         let inner = Arc::clone(&self.inner);
-        let Some(mut upload) = self.upload.take() else {
+        if self.upload.is_none() {
             let payload = PutPayload::from(std::mem::take(&mut self.buf));
             let put = inner.store.put_opts(&self.path, payload, mode.into());
             return inner.block_on(put).map(|_| ()).map_err(|e| self.error(e));
-        };
-        let rest = PutPayload::from(std::mem::take(&mut self.buf));
-        let done = inner.block_on(async {
-            if rest.content_length() > 0 {
-                upload.put_part(rest).await?;
+        }
+        let sent = (|| {
+            if !self.buf.is_empty() {
+                self.send_part()?;
             }
-            upload.complete().await
-        });
-        match done {
+            while !self.in_flight.is_empty() {
+                self.wait_oldest()?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = sent {
+            self.abort();
+            return Err(e);
+        }
+        let mut upload = self.upload.take().expect("started");
+        match inner.block_on(upload.complete()) {
             Ok(_) => Ok(()),
             Err(e) => {
                 let _ = inner.block_on(upload.abort());
@@ -427,8 +544,13 @@ impl S3Pending {
         }
     }
 
-    /// Drop a started multipart upload, so the server frees its parts.
+    /// Drop a started multipart upload, so the server frees its parts; parts still in flight
+    /// are cancelled first.
     fn abort(&mut self) {
+        for handle in self.in_flight.drain(..) {
+            handle.abort();
+            let _ = self.inner.block_on(handle);
+        }
         if let Some(mut upload) = self.upload.take() {
             let _ = self.inner.block_on(upload.abort());
         }
@@ -437,6 +559,9 @@ impl S3Pending {
 
 impl Write for S3Pending {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.capacity() == 0 && (self.upload.is_some() || data.len() >= PART_SIZE) {
+            self.buf.reserve_exact(PART_SIZE);
+        }
         let room = PART_SIZE - self.buf.len();
         let n = data.len().min(room);
         self.buf.extend_from_slice(&data[..n]);
@@ -454,6 +579,37 @@ impl Write for S3Pending {
 impl PendingObject for S3Pending {
     fn commit(mut self: Box<Self>) -> Result<()> {
         self.finish(PutMode::Overwrite)
+    }
+
+    /// A single-PUT object is handed to a background task and this returns at once, so the many
+    /// small files of a backup are in flight together; [`Storage::sync`] waits for them all and
+    /// fails if any PUT failed. At most [`UNSYNCED_BYTES`] in [`UNSYNCED_PUTS`] PUTs wait at
+    /// once. A multipart object is completed here, as by `commit`.
+    fn commit_unsynced(mut self: Box<Self>) -> Result<()> {
+        if self.upload.is_some() {
+            return self.finish(PutMode::Overwrite);
+        }
+        let inner = Arc::clone(&self.inner);
+        inner.background_error()?;
+        let bytes = std::mem::take(&mut self.buf);
+        let weight = u32::try_from(bytes.len().clamp(1, UNSYNCED_BYTES)).unwrap_or(u32::MAX);
+        let permits = inner.block_on(async {
+            let bytes = Arc::clone(&inner.unsynced_bytes)
+                .acquire_many_owned(weight)
+                .await;
+            let puts = Arc::clone(&inner.unsynced_puts).acquire_owned().await;
+            (bytes, puts)
+        });
+        let store = inner.store.clone();
+        let cfg = inner.cfg.clone();
+        let (path, key) = (self.path.clone(), std::mem::take(&mut self.key));
+        let task = inner.runtime.spawn(async move {
+            let put = store.put(&path, PutPayload::from(bytes)).await;
+            drop(permits);
+            put.map(|_| ()).map_err(|e| classify(&cfg, &key, e))
+        });
+        inner.background.lock().expect("background list").push(task);
+        Ok(())
     }
 
     fn commit_new(mut self: Box<Self>) -> Result<()> {
@@ -478,25 +634,196 @@ impl Drop for S3Pending {
     }
 }
 
-/// A GET's body as `Read`, one chunk at a time.
+/// An object's bytes as `Read`. The first GET's body is read as it streams, up to
+/// [`RANGE_SIZE`] bytes for a big object; the rest of a big object comes in ranged GETs of
+/// [`RANGE_SIZE`], [`RANGES_IN_FLIGHT`] of them fetched ahead in parallel (started when the
+/// object is opened), so one slow round trip does not stall the reader. A ranged GET, or the
+/// rest of a body cut off mid-way, is retried with backoff.
 struct S3Reader {
     inner: Arc<Inner>,
-    stream: BoxStream<'static, io::Result<Bytes>>,
+    key: String,
+    path: Path,
+    size: u64,
+    /// The first GET's body, until `head_end`.
+    stream: Option<BoxStream<'static, object_store::Result<Bytes>>>,
+    head_end: u64,
+    /// Bytes handed out so far, plus those in `chunk`.
+    pos: u64,
     chunk: Bytes,
+    /// Ranged GETs started, in order.
+    ahead: VecDeque<JoinHandle<object_store::Result<Bytes>>>,
+    /// Where the next ranged GET to start begins.
+    next_range: u64,
+}
+
+/// Big objects are read in ranged GETs of this size.
+pub const RANGE_SIZE: u64 = 4 << 20;
+
+/// Ranged GETs one reader keeps in flight: its memory is at most `(RANGES_IN_FLIGHT + 1) *
+/// RANGE_SIZE` (20 MiB).
+pub const RANGES_IN_FLIGHT: usize = 4;
+
+/// Attempts at a ranged GET whose request or body failed with a transient error.
+const RANGE_ATTEMPTS: u32 = 4;
+
+impl S3Reader {
+    fn new(inner: Arc<Inner>, key: &str, got: object_store::GetResult) -> S3Reader {
+        let size = got.meta.size;
+        let head_end = if size > 2 * RANGE_SIZE {
+            RANGE_SIZE
+        } else {
+            size
+        };
+        let path = got.meta.location.clone();
+        let mut reader = S3Reader {
+            inner,
+            key: key.to_owned(),
+            path,
+            size,
+            stream: Some(got.into_stream()),
+            head_end,
+            pos: 0,
+            chunk: Bytes::new(),
+            ahead: VecDeque::new(),
+            next_range: head_end,
+        };
+        reader.fetch_ahead();
+        reader
+    }
+
+    /// Start ranged GETs until [`RANGES_IN_FLIGHT`] are in flight or the object is covered.
+    fn fetch_ahead(&mut self) {
+        while self.ahead.len() < RANGES_IN_FLIGHT && self.next_range < self.size {
+            let range = self.next_range..(self.next_range + RANGE_SIZE).min(self.size);
+            self.next_range = range.end;
+            let store = self.inner.store.clone();
+            let path = self.path.clone();
+            self.ahead
+                .push_back(self.inner.runtime.spawn(get_range(store, path, range)));
+        }
+    }
+
+    fn error(&self, e: object_store::Error) -> io::Error {
+        io::Error::other(self.inner.error(&self.key, e))
+    }
+
+    /// The next bytes of the object, empty at its end.
+    fn next_chunk(&mut self) -> io::Result<Bytes> {
+        if self.pos < self.head_end {
+            let next = match self.stream.as_mut() {
+                Some(stream) => self.inner.block_on(stream.next()),
+                None => None,
+            };
+            return match next {
+                Some(Ok(bytes)) => {
+                    Ok(bytes.slice(..bytes.len().min(to_usize(self.head_end - self.pos))))
+                }
+                // A body cut short or broken off: the rest of the head in ranged GETs.
+                None | Some(Err(_)) => {
+                    self.stream = None;
+                    let store = self.inner.store.clone();
+                    let rest = get_range(store, self.path.clone(), self.pos..self.head_end);
+                    self.inner.block_on(rest).map_err(|e| self.error(e))
+                }
+            };
+        }
+        // The head is done: no need to hold its connection.
+        self.stream = None;
+        let Some(handle) = self.ahead.pop_front() else {
+            return Ok(Bytes::new());
+        };
+        let got = self.inner.block_on(handle);
+        self.fetch_ahead();
+        match got {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(e)) => Err(self.error(e)),
+            Err(join) => Err(io::Error::other(join)),
+        }
+    }
 }
 
 impl Read for S3Reader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.chunk.is_empty() {
-            match self.inner.block_on(self.stream.next()) {
-                Some(chunk) => self.chunk = chunk?,
-                None => return Ok(0),
+            if self.pos >= self.size {
+                return Ok(0);
             }
+            let chunk = self.next_chunk()?;
+            if chunk.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{} ended at byte {} of {}", self.key, self.pos, self.size),
+                ));
+            }
+            self.pos += chunk.len() as u64;
+            self.chunk = chunk;
         }
         let n = out.len().min(self.chunk.len());
         out[..n].copy_from_slice(&self.chunk[..n]);
         self.chunk = self.chunk.slice(n..);
         Ok(n)
+    }
+}
+
+impl Drop for S3Reader {
+    fn drop(&mut self) {
+        for handle in self.ahead.drain(..) {
+            handle.abort();
+        }
+    }
+}
+
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// Bytes `range` of the object at `path`, retried with backoff while the failure may pass (a
+/// 5xx, a timeout, a connection or body cut off); a short answer counts as such a failure.
+async fn get_range(
+    store: AmazonS3,
+    path: Path,
+    range: std::ops::Range<u64>,
+) -> object_store::Result<Bytes> {
+    let want = range.end - range.start;
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        let got = match store.get_range(&path, range.clone()).await {
+            Ok(bytes) if bytes.len() as u64 == want => return Ok(bytes),
+            Ok(bytes) => object_store::Error::Generic {
+                store: "S3",
+                source: format!(
+                    "bytes {}..{} of {path} came back {} bytes long",
+                    range.start,
+                    range.end,
+                    bytes.len()
+                )
+                .into(),
+            },
+            Err(e) => e,
+        };
+        let lasting = matches!(
+            got,
+            object_store::Error::NotFound { .. }
+                | object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }
+                | object_store::Error::Precondition { .. }
+        );
+        if lasting || attempt >= RANGE_ATTEMPTS {
+            return Err(got);
+        }
+        tokio::time::sleep(delay).await;
+        delay *= 2;
+        attempt += 1;
+    }
+}
+
+/// `scheme://bucket.host[:port][/path]` for `scheme://host[:port][/path]`: where `uri-style =
+/// "host"` sends requests.
+fn host_style_endpoint(endpoint: &str, bucket: &str) -> String {
+    match endpoint.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{bucket}.{rest}"),
+        None => format!("{bucket}.{endpoint}"),
     }
 }
 
@@ -537,6 +864,18 @@ fn classify(cfg: &S3Config, key: &str, e: object_store::Error) -> StorageError {
             service(format!(
                 "access denied to {}: check access-key-id and secret-access-key (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
                 cfg.describe()
+            ))
+        }
+        _ if text.contains("UnknownIssuer")
+            || text.contains("unable to get local issuer")
+            || text.contains("self-signed")
+            || text.contains("self signed") =>
+        {
+            service(format!(
+                "the TLS certificate of {} is not trusted (bucket {}): set [repo] ca-file to the CA that signed it, or fix the endpoint ({})",
+                cfg.endpoint,
+                cfg.bucket,
+                last_cause(&text)
             ))
         }
         _ if text.to_lowercase().contains("certificate") || text.contains("tls") => {
@@ -602,6 +941,38 @@ mod tests {
         assert!(parse_storage_info("# x\nconditional-create = enforced\n"));
         assert!(!parse_storage_info("conditional-create = ignored\n"));
         assert!(!parse_storage_info(""));
+    }
+
+    #[test]
+    fn host_style_puts_the_bucket_in_the_host_name() {
+        assert_eq!(
+            host_style_endpoint("https://localhost:9000", "pgkeep"),
+            "https://pgkeep.localhost:9000"
+        );
+        assert_eq!(
+            host_style_endpoint("http://s3.example.com/", "b"),
+            "http://b.s3.example.com/"
+        );
+    }
+
+    #[test]
+    fn a_host_style_store_sends_requests_to_the_bucket_host() {
+        let storage = S3Storage::new(S3Config {
+            endpoint: "https://s3.example.com:8443".into(),
+            bucket: "pgkeep".into(),
+            region: "us-east-1".into(),
+            prefix: "p".into(),
+            host_style: true,
+            access_key_id: "AKID".into(),
+            secret_access_key: "very-secret".into(),
+            ca_file: None,
+        })
+        .unwrap();
+        let debug = format!("{:?}", storage.inner.store);
+        assert!(
+            debug.contains("bucket_endpoint: \"https://pgkeep.s3.example.com:8443\""),
+            "{debug}"
+        );
     }
 
     #[test]
