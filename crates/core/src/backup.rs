@@ -1180,21 +1180,28 @@ impl Copier<'_> {
         let mut delta: Option<DeltaObject> = None;
         let mut failures = Vec::new();
         let mut older = OlderPages::new(self.storage, parent, bs);
-        let page = buf
-            .get_mut(..bs)
-            .ok_or_else(|| anyhow!("block size {bs} is too large for the copy buffer"))?;
+        let max_run = (buf.len() / bs) as u64;
+        if max_run == 0 {
+            bail!("block size {bs} is too large for the copy buffer");
+        }
         let changed = listed
             .into_iter()
             .filter(|&b| b < parent_blocks.min(n_blocks));
-        for block in changed.chain(parent_blocks..n_blocks) {
-            if !self.read_page(&file, entry, block, page, &mut failures)? {
-                break; // the file shrank under us: WAL replay truncates it again
+        let wanted: Vec<u64> = changed.chain(parent_blocks..n_blocks).collect();
+        'runs: for (start, len) in block_runs(&wanted, max_run) {
+            let run = &mut buf[..len as usize * bs];
+            let got = self.read_blocks(&file, entry, start, run, &mut failures)?;
+            for (i, page) in run[..got * bs].chunks_exact(bs).enumerate() {
+                let block = start + i as u64;
+                let base = match block < parent_blocks {
+                    true => Some(older.page(p, block)?),
+                    false => None,
+                };
+                self.delta_page(&mut delta, &key, block, page, base)?;
             }
-            let base = match block < parent_blocks {
-                true => Some(older.page(p, block)?),
-                false => None,
-            };
-            self.delta_page(&mut delta, &key, block, page, base)?;
+            if (got as u64) < len {
+                break 'runs; // the file shrank under us: WAL replay truncates it again
+            }
         }
         self.progress.advance(size);
         let end = DeltaEnd {
@@ -1243,20 +1250,23 @@ impl Copier<'_> {
         Ok(Some((rec, failures)))
     }
 
-    /// Read block `block` of `file` into `page` (zero-padded when the file ends inside it, as
-    /// a file being extended can) and verify its checksum; false when the file ends before it.
-    fn read_page(
+    /// Read the consecutive blocks from `first` that fill `run` with one positioned read (a
+    /// short count continues it), zero-pad a page the file ends inside (as a file being
+    /// extended can) and verify their checksums. Returns the number of pages read: fewer than
+    /// asked for when the file ends before the run does.
+    fn read_blocks(
         &self,
         file: &File,
         entry: &Entry,
-        block: u64,
-        page: &mut [u8],
+        first: u64,
+        run: &mut [u8],
         failures: &mut Vec<PageFailure>,
-    ) -> Result<bool> {
-        let offset = block * page.len() as u64;
+    ) -> Result<usize> {
+        let bs = self.block_size;
+        let offset = first * bs as u64;
         let mut n = 0;
-        while n < page.len() {
-            match file.read_at(&mut page[n..], offset + n as u64) {
+        while n < run.len() {
+            match file.read_at(&mut run[n..], offset + n as u64) {
                 Ok(0) => break,
                 Ok(k) => n += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1266,14 +1276,19 @@ impl Copier<'_> {
             }
         }
         Counts::add(&self.counts.bytes_read, n as u64);
-        if n == 0 {
-            return Ok(false);
-        }
-        page[n..].fill(0);
+        let pages = n.div_ceil(bs);
+        run[n..pages * bs].fill(0);
         if let Some(first_block) = self.page_check(entry) {
-            self.check_pages(file, &entry.rel, page, offset, first_block, failures);
+            self.check_pages(
+                file,
+                &entry.rel,
+                &mut run[..pages * bs],
+                offset,
+                first_block,
+                failures,
+            );
         }
-        Ok(true)
+        Ok(pages)
     }
 
     /// Complete a stored object and describe it: `size` and `crc32c` are those of the raw
@@ -1467,6 +1482,20 @@ impl Copier<'_> {
     }
 }
 
+/// Runs of consecutive blocks in `blocks` (increasing; a repeat is skipped) as (first block,
+/// length), none longer than `max`: one read each.
+fn block_runs(blocks: &[u64], max: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &b in blocks {
+        match runs.last_mut() {
+            Some((start, len)) if b < *start + *len => {}
+            Some((start, len)) if b == *start + *len && *len < max => *len += 1,
+            _ => runs.push((b, 1)),
+        }
+    }
+    runs
+}
+
 /// Whether a page may differ from the parent chain's copy: its LSN is at or after the parent's
 /// start (which takes in every LSN beyond the current WAL position too), it is invalid (0), or
 /// the page is new, zero or has an insane header. Only pages untouched since before the parent
@@ -1552,6 +1581,15 @@ mod tests {
         page[16..18].copy_from_slice(&8192u16.to_ne_bytes());
         page[18..20].copy_from_slice(&(8192u16 | 4).to_ne_bytes());
         page
+    }
+
+    #[test]
+    fn consecutive_blocks_are_read_as_one_run() {
+        assert_eq!(
+            block_runs(&[1, 2, 3, 7, 8, 8, 10, 11, 12, 13, 14], 3),
+            vec![(1, 3), (7, 2), (10, 3), (13, 2)]
+        );
+        assert_eq!(block_runs(&[], 4), vec![]);
     }
 
     #[test]

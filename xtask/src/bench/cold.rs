@@ -69,7 +69,20 @@ pub fn cold(args: &[String]) -> Result<()> {
             Ok(_) if !opts.keep => {
                 let _ = fs::remove_dir_all(&b.dir);
             }
-            _ => eprintln!("bench files kept in {}", b.dir.display()),
+            _ => {
+                // Each size gets the bench's directory in turn: keep it under its own name.
+                let kept = b.dir.with_file_name(format!(
+                    "{}-{name}",
+                    b.dir.file_name().and_then(|n| n.to_str()).unwrap_or("bench")
+                ));
+                fs::rename(&b.dir, &kept)
+                    .with_context(|| format!("renaming {}", b.dir.display()))?;
+                eprintln!(
+                    "bench files kept in {} (paths inside name {})",
+                    kept.display(),
+                    b.dir.display()
+                );
+            }
         }
         sizes.push(result?);
     }
