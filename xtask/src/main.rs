@@ -24,7 +24,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask ci [--majors 12,18|all|none] | pg MAJOR | demo [--keep] | bench [--scale S] [--runs N] [--keep] | bench --cold [--small-mb M] [--runs N] [--transactions T] [--keep] | bench --expire"
+                "usage: cargo xtask ci [--majors 12,18|all|none] | pg MAJOR | demo [--keep] | bench [--scale S] [--runs N] [--keep] | bench --cold [--small-mb M] [--runs N] [--transactions T] [--scan] [--keep] | bench --expire"
             );
             std::process::exit(2);
         }
