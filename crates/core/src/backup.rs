@@ -1188,7 +1188,7 @@ impl Copier<'_> {
             .into_iter()
             .filter(|&b| b < parent_blocks.min(n_blocks));
         let wanted: Vec<u64> = changed.chain(parent_blocks..n_blocks).collect();
-        'runs: for (start, len) in block_runs(&wanted, max_run) {
+        for (start, len) in block_runs(&wanted, max_run) {
             let run = &mut buf[..len as usize * bs];
             let got = self.read_blocks(&file, entry, start, run, &mut failures)?;
             for (i, page) in run[..got * bs].chunks_exact(bs).enumerate() {
@@ -1200,7 +1200,7 @@ impl Copier<'_> {
                 self.delta_page(&mut delta, &key, block, page, base)?;
             }
             if (got as u64) < len {
-                break 'runs; // the file shrank under us: WAL replay truncates it again
+                break; // the file shrank under us: WAL replay truncates it again
             }
         }
         self.progress.advance(size);

@@ -55,10 +55,7 @@ pub fn cold(args: &[String]) -> Result<()> {
     }
 
     let mut sizes = Vec::new();
-    for (name, total_mb) in [
-        ("small", opts.small_mb),
-        ("big", opts.small_mb * FACTOR),
-    ] {
+    for (name, total_mb) in [("small", opts.small_mb), ("big", opts.small_mb * FACTOR)] {
         let bench_opts = Options {
             scale: HOT_SCALE,
             runs: opts.runs,
@@ -75,7 +72,10 @@ pub fn cold(args: &[String]) -> Result<()> {
                 // Each size gets the bench's directory in turn: keep it under its own name.
                 let kept = b.dir.with_file_name(format!(
                     "{}-{name}",
-                    b.dir.file_name().and_then(|n| n.to_str()).unwrap_or("bench")
+                    b.dir
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or("bench")
                 ));
                 fs::rename(&b.dir, &kept)
                     .with_context(|| format!("renaming {}", b.dir.display()))?;
@@ -109,7 +109,11 @@ pub fn cold(args: &[String]) -> Result<()> {
     println!("\n{md}");
     let out_dir = crate::sh::target_dir().join("bench");
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let stem = if opts.scan { "bench-cold-scan" } else { "bench-cold" };
+    let stem = if opts.scan {
+        "bench-cold-scan"
+    } else {
+        "bench-cold"
+    };
     let md_path = out_dir.join(format!("{stem}.md"));
     let json_path = out_dir.join(format!("{stem}.json"));
     fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
@@ -409,7 +413,10 @@ fn median(v: &[f64]) -> f64 {
 fn markdown(heading: &str, sizes: &[Size]) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "{heading}\n");
-    let _ = writeln!(md, "| incr from a cold page cache | cluster | pgkeep | pgBackRest |");
+    let _ = writeln!(
+        md,
+        "| incr from a cold page cache | cluster | pgkeep | pgBackRest |"
+    );
     let _ = writeln!(md, "|---|---|---|---|");
     for s in sizes {
         let c = format_bytes(s.cluster_bytes as f64);
