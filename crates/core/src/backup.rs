@@ -1188,7 +1188,10 @@ impl Copier<'_> {
             .into_iter()
             .filter(|&b| b < parent_blocks.min(n_blocks));
         let wanted: Vec<u64> = changed.chain(parent_blocks..n_blocks).collect();
-        for (start, len) in block_runs(&wanted, max_run) {
+        let runs = block_runs(&wanted, max_run);
+        let mut ahead = ReadAhead::new(&file, &runs, bs);
+        for (i, &(start, len)) in runs.iter().enumerate() {
+            ahead.advise(i);
             let run = &mut buf[..len as usize * bs];
             let got = self.read_blocks(&file, entry, start, run, &mut failures)?;
             for (i, page) in run[..got * bs].chunks_exact(bs).enumerate() {
@@ -1478,6 +1481,63 @@ impl Copier<'_> {
                     block: blkno,
                 });
             }
+        }
+    }
+}
+
+/// How far ahead of the reader [`ReadAhead`] asks for blocks.
+const READ_AHEAD_BYTES: u64 = 16 << 20;
+
+/// Tells the kernel which runs of a file will be read next (`POSIX_FADV_WILLNEED`), up to
+/// [`READ_AHEAD_BYTES`] ahead of the reader: the scattered changed blocks of a file that is not
+/// in the page cache then come from the disk many at a time rather than one read after the
+/// other, while the reader codes the pages it has.
+struct ReadAhead<'r> {
+    fd: std::os::fd::RawFd,
+    runs: &'r [(u64, u64)],
+    block_size: u64,
+    /// Runs advised so far, and their bytes.
+    advised: usize,
+    advised_bytes: u64,
+    /// Bytes of the runs before the one being read.
+    read_bytes: u64,
+}
+
+impl<'r> ReadAhead<'r> {
+    fn new(file: &File, runs: &'r [(u64, u64)], block_size: usize) -> Self {
+        use std::os::fd::AsRawFd;
+        ReadAhead {
+            fd: file.as_raw_fd(),
+            runs,
+            block_size: block_size as u64,
+            advised: 0,
+            advised_bytes: 0,
+            read_bytes: 0,
+        }
+    }
+
+    /// Called before run `i` is read: advise the runs from the last advised up to the window.
+    fn advise(&mut self, i: usize) {
+        if i > 0 {
+            self.read_bytes += self.runs[i - 1].1 * self.block_size;
+        }
+        while self.advised < self.runs.len()
+            && self.advised_bytes < self.read_bytes + READ_AHEAD_BYTES
+        {
+            let (start, len) = self.runs[self.advised];
+            let (offset, bytes) = (start * self.block_size, len * self.block_size);
+            // SAFETY: a plain syscall on a descriptor the caller keeps open; advice that fails
+            // only leaves the reads as they were.
+            unsafe {
+                libc::posix_fadvise(
+                    self.fd,
+                    offset as libc::off_t,
+                    bytes as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+            self.advised += 1;
+            self.advised_bytes += bytes;
         }
     }
 }
