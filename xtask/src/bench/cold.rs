@@ -231,6 +231,25 @@ impl Samples {
     }
 }
 
+/// One row of the table.
+#[derive(Clone, Copy)]
+enum Figure {
+    Wall,
+    Read,
+    Stored,
+}
+
+impl Figure {
+    /// The median of this figure's samples, as the table shows it.
+    fn show(self, s: &Samples) -> String {
+        match self {
+            Figure::Wall => format!("{:.2} s", median(&s.wall)),
+            Figure::Read => format_bytes(median(&s.read)),
+            Figure::Stored => format_bytes(median(&s.stored)),
+        }
+    }
+}
+
 /// One cluster size's results.
 struct Size {
     name: &'static str,
@@ -420,20 +439,13 @@ fn markdown(heading: &str, sizes: &[Size]) -> String {
     let _ = writeln!(md, "|---|---|---|---|");
     for s in sizes {
         let c = format_bytes(s.cluster_bytes as f64);
-        let rows: [(&str, fn(&Samples) -> &Vec<f64>, bool); 3] = [
-            ("wall time", |x| &x.wall, false),
-            ("read from disk", |x| &x.read, true),
-            ("stored", |x| &x.stored, true),
+        let rows = [
+            ("wall time", Figure::Wall),
+            ("read from disk", Figure::Read),
+            ("stored", Figure::Stored),
         ];
-        for (what, get, bytes) in rows {
-            let show = |x: &Samples| {
-                let m = median(get(x));
-                if bytes {
-                    format_bytes(m)
-                } else {
-                    format!("{m:.2} s")
-                }
-            };
+        for (what, figure) in rows {
+            let show = |x: &Samples| figure.show(x);
             let _ = writeln!(
                 md,
                 "| {} {what} | {c} | {} | {} |",
