@@ -1194,8 +1194,8 @@ impl Copier<'_> {
             ahead.advise(i);
             let run = &mut buf[..len as usize * bs];
             let got = self.read_blocks(&file, entry, start, run, &mut failures)?;
-            for (i, page) in run[..got * bs].chunks_exact(bs).enumerate() {
-                let block = start + i as u64;
+            for (k, page) in run[..got * bs].chunks_exact(bs).enumerate() {
+                let block = start + k as u64;
                 let base = match block < parent_blocks {
                     true => Some(older.page(p, block)?),
                     false => None,
