@@ -6,6 +6,7 @@
 //! exception is a pgkeep command that does not exist yet in this build (`backup --type incr`,
 //! `validate`): its row says `n/a (command failed: ...)` instead.
 
+mod cold;
 pub(crate) mod measure;
 pub(crate) mod report;
 
@@ -43,6 +44,9 @@ const INCR: [Metric; 3] = [Metric::IncrWall, Metric::IncrStored, Metric::IncrRss
 pub fn bench(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--expire") {
         return expire();
+    }
+    if args.iter().any(|a| a == "--cold") {
+        return cold::cold(args);
     }
     let opts = Options::parse(args)?;
     let started = Instant::now();
@@ -236,6 +240,23 @@ impl Bench {
 
     /// initdb, archive into both tools, load the data, sample WAL segments for archive-push.
     fn setup(&self) -> Result<Facts> {
+        self.init_cluster()?;
+        self.load_data()?;
+        let push_segments = self.sample_segments()?;
+        self.check_both()?;
+        let cluster_bytes = self.cluster_bytes()?;
+        println!(
+            "    cluster: {} in its databases; {push_segments} WAL segment(s) sampled for archive-push",
+            report::format_bytes(cluster_bytes as f64)
+        );
+        Ok(Facts {
+            cluster_bytes,
+            push_segments,
+        })
+    }
+
+    /// initdb a cluster whose archive_command feeds both tools, start it, init both repositories.
+    fn init_cluster(&self) -> Result<()> {
         step("initdb a throwaway cluster whose archive_command feeds pgkeep and pgBackRest");
         self.checked(
             "initdb",
@@ -267,7 +288,11 @@ impl Bench {
             "pgBackRest stanza-create",
             &mut self.pgbr_cmd(&self.pgbr_conf, STANZA, &["stanza-create"]),
         )?;
+        Ok(())
+    }
 
+    /// pgbench's tables and the random md5 table, frozen, their WAL archived.
+    fn load_data(&self) -> Result<()> {
         step(&format!(
             "load pgbench scale {} and {} random md5 rows",
             self.opts.scale,
@@ -295,8 +320,11 @@ impl Bench {
             &self.dir.join("server.log"),
         )?;
         println!("    loaded in {:.0} s", loaded.elapsed().as_secs_f64());
-        let push_segments = self.sample_segments()?;
+        Ok(())
+    }
 
+    /// `check` of both tools: archiving works before anything is timed.
+    fn check_both(&self) -> Result<()> {
         self.checked(
             "pgkeep check",
             &mut self.pgkeep_cmd(&self.pgkeep_conf, &["check"]),
@@ -305,18 +333,13 @@ impl Bench {
             "pgBackRest check",
             &mut self.pgbr_cmd(&self.pgbr_conf, STANZA, &["check"]),
         )?;
-        let cluster_bytes: u64 = self
-            .sql("SELECT sum(pg_database_size(oid)) FROM pg_database")?
+        Ok(())
+    }
+
+    fn cluster_bytes(&self) -> Result<u64> {
+        self.sql("SELECT sum(pg_database_size(oid)) FROM pg_database")?
             .parse()
-            .context("reading the cluster's size")?;
-        println!(
-            "    cluster: {} in its databases; {push_segments} WAL segment(s) sampled for archive-push",
-            report::format_bytes(cluster_bytes as f64)
-        );
-        Ok(Facts {
-            cluster_bytes,
-            push_segments,
-        })
+            .context("reading the cluster's size")
     }
 
     /// One run: full backups, references, validate, updates, incrementals, restores, pushes.

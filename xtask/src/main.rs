@@ -26,7 +26,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask ci [--majors 12,18|all|none] | pg MAJOR | demo [--keep] | bench [--scale S] [--runs N] [--keep] | bench --expire | bench --s3 [--scale S] [--runs N] [--keep]"
+                "usage: cargo xtask ci [--majors 12,18|all|none] | pg MAJOR | demo [--keep] | bench [--scale S] [--runs N] [--keep] | bench --expire | bench --cold [--small-mb M] [--runs N] [--transactions T] [--scan] [--keep] | bench --s3 [--scale S] [--runs N] [--keep]"
             );
             std::process::exit(2);
         }

@@ -1228,18 +1228,28 @@ impl Copier<'_> {
         let mut delta: Option<DeltaObject> = None;
         let mut failures = Vec::new();
         let mut older = OlderPages::new(self.storage, parent, bs);
-        let page = buf
-            .get_mut(..bs)
-            .ok_or_else(|| anyhow!("block size {bs} is too large for the copy buffer"))?;
-        for block in plan.reads(n_blocks) {
-            if !self.read_page(&file, entry, block, page, &mut failures)? {
+        let max_run = (buf.len() / bs) as u64;
+        if max_run == 0 {
+            bail!("block size {bs} is too large for the copy buffer");
+        }
+        let wanted: Vec<u64> = plan.reads(n_blocks).collect();
+        let runs = block_runs(&wanted, max_run);
+        let mut ahead = ReadAhead::new(&file, &runs, bs);
+        for (i, &(start, len)) in runs.iter().enumerate() {
+            ahead.advise(i);
+            let run = &mut buf[..len as usize * bs];
+            let got = self.read_blocks(&file, entry, start, run, &mut failures)?;
+            for (k, page) in run[..got * bs].chunks_exact(bs).enumerate() {
+                let block = start + k as u64;
+                let base = match block < plan.kept {
+                    true => Some(older.page(p, block)?),
+                    false => None,
+                };
+                self.delta_page(&mut delta, &key, block, page, base)?;
+            }
+            if (got as u64) < len {
                 break; // the file shrank under us: WAL replay truncates it again
             }
-            let base = match block < plan.kept {
-                true => Some(older.page(p, block)?),
-                false => None,
-            };
-            self.delta_page(&mut delta, &key, block, page, base)?;
         }
         self.progress.advance(size);
         let end = DeltaEnd {
@@ -1288,20 +1298,23 @@ impl Copier<'_> {
         Ok(Some((rec, failures)))
     }
 
-    /// Read block `block` of `file` into `page` (zero-padded when the file ends inside it, as
-    /// a file being extended can) and verify its checksum; false when the file ends before it.
-    fn read_page(
+    /// Read the consecutive blocks from `first` that fill `run` with one positioned read (a
+    /// short count continues it), zero-pad a page the file ends inside (as a file being
+    /// extended can) and verify their checksums. Returns the number of pages read: fewer than
+    /// asked for when the file ends before the run does.
+    fn read_blocks(
         &self,
         file: &File,
         entry: &Entry,
-        block: u64,
-        page: &mut [u8],
+        first: u64,
+        run: &mut [u8],
         failures: &mut Vec<PageFailure>,
-    ) -> Result<bool> {
-        let offset = block * page.len() as u64;
+    ) -> Result<usize> {
+        let bs = self.block_size;
+        let offset = first * bs as u64;
         let mut n = 0;
-        while n < page.len() {
-            match file.read_at(&mut page[n..], offset + n as u64) {
+        while n < run.len() {
+            match file.read_at(&mut run[n..], offset + n as u64) {
                 Ok(0) => break,
                 Ok(k) => n += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1311,14 +1324,19 @@ impl Copier<'_> {
             }
         }
         Counts::add(&self.counts.bytes_read, n as u64);
-        if n == 0 {
-            return Ok(false);
-        }
-        page[n..].fill(0);
+        let pages = n.div_ceil(bs);
+        run[n..pages * bs].fill(0);
         if let Some(first_block) = self.page_check(entry) {
-            self.check_pages(file, &entry.rel, page, offset, first_block, failures);
+            self.check_pages(
+                file,
+                &entry.rel,
+                &mut run[..pages * bs],
+                offset,
+                first_block,
+                failures,
+            );
         }
-        Ok(true)
+        Ok(pages)
     }
 
     /// Complete a stored object and describe it: `size` and `crc32c` are those of the raw
@@ -1577,6 +1595,77 @@ impl SegmentPlan {
     }
 }
 
+/// How far ahead of the reader [`ReadAhead`] asks for blocks.
+const READ_AHEAD_BYTES: u64 = 16 << 20;
+
+/// Tells the kernel which runs of a file will be read next (`POSIX_FADV_WILLNEED`), up to
+/// [`READ_AHEAD_BYTES`] ahead of the reader: the scattered changed blocks of a file that is not
+/// in the page cache then come from the disk many at a time rather than one read after the
+/// other, while the reader codes the pages it has.
+struct ReadAhead<'r> {
+    fd: std::os::fd::RawFd,
+    runs: &'r [(u64, u64)],
+    block_size: u64,
+    /// Runs advised so far, and their bytes.
+    advised: usize,
+    advised_bytes: u64,
+    /// Bytes of the runs before the one being read.
+    read_bytes: u64,
+}
+
+impl<'r> ReadAhead<'r> {
+    fn new(file: &File, runs: &'r [(u64, u64)], block_size: usize) -> Self {
+        use std::os::fd::AsRawFd;
+        ReadAhead {
+            fd: file.as_raw_fd(),
+            runs,
+            block_size: block_size as u64,
+            advised: 0,
+            advised_bytes: 0,
+            read_bytes: 0,
+        }
+    }
+
+    /// Called before run `i` is read: advise the runs from the last advised up to the window.
+    fn advise(&mut self, i: usize) {
+        if i > 0 {
+            self.read_bytes += self.runs[i - 1].1 * self.block_size;
+        }
+        while self.advised < self.runs.len()
+            && self.advised_bytes < self.read_bytes + READ_AHEAD_BYTES
+        {
+            let (start, len) = self.runs[self.advised];
+            let (offset, bytes) = (start * self.block_size, len * self.block_size);
+            // SAFETY: a plain syscall on a descriptor the caller keeps open; advice that fails
+            // only leaves the reads as they were.
+            unsafe {
+                libc::posix_fadvise(
+                    self.fd,
+                    offset as libc::off_t,
+                    bytes as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+            self.advised += 1;
+            self.advised_bytes += bytes;
+        }
+    }
+}
+
+/// Runs of consecutive blocks in `blocks` (increasing; a repeat is skipped) as (first block,
+/// length), none longer than `max`: one read each.
+fn block_runs(blocks: &[u64], max: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &b in blocks {
+        match runs.last_mut() {
+            Some((start, len)) if b < *start + *len => {}
+            Some((start, len)) if b == *start + *len && *len < max => *len += 1,
+            _ => runs.push((b, 1)),
+        }
+    }
+    runs
+}
+
 /// Whether a page may differ from the parent chain's copy: its LSN is at or after the parent's
 /// start (which takes in every LSN beyond the current WAL position too), it is invalid (0), or
 /// the page is new, zero or has an insane header. Only pages untouched since before the parent
@@ -1688,6 +1777,15 @@ mod tests {
         // length changes nothing.
         assert_eq!(reads(&plan(&[], Some(0)), 3), vec![0, 1, 2]);
         assert!(plan(&[], Some(160)).unchanged(50 * BS));
+    }
+
+    #[test]
+    fn consecutive_blocks_are_read_as_one_run() {
+        assert_eq!(
+            block_runs(&[1, 2, 3, 7, 8, 8, 10, 11, 12, 13, 14], 3),
+            vec![(1, 3), (7, 2), (10, 3), (13, 2)]
+        );
+        assert_eq!(block_runs(&[], 4), vec![]);
     }
 
     #[test]

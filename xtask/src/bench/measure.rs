@@ -1,4 +1,5 @@
-//! Runs one child process and measures it: wall time, and peak RSS from `wait4`'s rusage.
+//! Runs one child process and measures it: wall time, and peak RSS and bytes read from storage
+//! from `wait4`'s rusage.
 
 use std::fs::File;
 use std::io;
@@ -15,6 +16,10 @@ pub struct Measured {
     /// descendant it waited for, so `runuser` wrappers and pgBackRest's worker processes count, as
     /// the largest single process (not the sum).
     pub peak_rss: u64,
+    /// Bytes the child and its waited-for descendants caused to be read from the block devices:
+    /// the kernel's `read_bytes` of /proc/<pid>/io, which `ru_inblock` reports in 512-byte
+    /// units once the process is gone. Reads served by the page cache do not count.
+    pub read_bytes: u64,
     /// Exit code; `None` when a signal ended the process.
     pub code: Option<i32>,
     pub stdout: String,
@@ -72,6 +77,7 @@ pub fn measure(cmd: &mut Command, log: &Path) -> Result<Measured> {
         wall,
         // Linux reports ru_maxrss in KiB.
         peak_rss: u64::try_from(rusage.ru_maxrss).unwrap_or(0) * 1024,
+        read_bytes: u64::try_from(rusage.ru_inblock).unwrap_or(0) * 512,
         code,
         stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
         stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
