@@ -119,17 +119,23 @@ fn async_push_under_pgbench_archives_every_segment_ahead_and_pitr_matches_live()
     cluster.backup("full");
     // A wrapper that records, per call, whether the acknowledgement was already in the spool
     // when PostgreSQL called, and how long the call took.
+    // The archiver is held at its first call until the segment switches are done, so many
+    // segments are `.ready` at once whatever the machine's load, as on a primary whose archiver
+    // fell behind: the worker then has segments to push ahead of the calls.
     let calls = cluster.dir.path().join("calls.log");
     fs::write(&calls, "").unwrap();
     chown_to_postgres(&calls);
+    let hold = cluster.dir.path().join("hold");
+    fs::write(&hold, "").unwrap();
     let script = cluster.dir.write(
         "push.sh",
         format!(
-            "#!/bin/sh\nf=$(basename \"$1\")\ns=$(date +%s%N)\nif [ -f {spool}/ok/$f ]; then a=ack; else a=wait; fi\n{bin} --config {cfg} archive-push \"$1\"\nrc=$?\necho \"$f $a $rc $(( ($(date +%s%N) - s) / 1000 ))\" >> {calls}\nexit $rc\n",
+            "#!/bin/sh\nwhile [ -f {hold} ]; do sleep 0.05; done\nf=$(basename \"$1\")\ns=$(date +%s%N)\nif [ -f {spool}/ok/$f ]; then a=ack; else a=wait; fi\n{bin} --config {cfg} archive-push \"$1\"\nrc=$?\necho \"$f $a $rc $(( ($(date +%s%N) - s) / 1000 ))\" >> {calls}\nexit $rc\n",
             spool = spool(&cluster).display(),
             bin = cluster.pgkeep_bin.display(),
             cfg = cluster.config.display(),
-            calls = calls.display()
+            calls = calls.display(),
+            hold = hold.display()
         ),
     );
     set_mode(&script, 0o755);
@@ -138,6 +144,7 @@ fn async_push_under_pgbench_archives_every_segment_ahead_and_pitr_matches_live()
         let load = s.spawn(|| cluster.pg_tool("pgbench", &["-c", "2", "-T", "6", "-n"]));
         std::thread::sleep(Duration::from_millis(300));
         switch_segments(&cluster, 30);
+        fs::remove_file(&hold).unwrap();
         assert!(load.join().unwrap().success());
     });
     let before = cluster.pgbench_fingerprints();
