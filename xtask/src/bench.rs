@@ -173,23 +173,169 @@ struct PgbrBackup {
 }
 
 /// The cluster's content that a restore must reproduce, as one comparable string.
-const FINGERPRINT_SQL: &str = "SELECT (SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts) \
+pub(crate) const FINGERPRINT_SQL: &str = "SELECT (SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts) \
      || ' ' || (SELECT count(*) || '/' || md5(string_agg(v, '' ORDER BY id)) FROM random_md5 WHERE id % 2000 = 0)";
 
+/// The programs a bench runs, as whom and where: shared by the local, cold and S3 benches.
+pub(crate) struct Tools {
+    /// The bench's scratch directory; commands run from it.
+    pub dir: PathBuf,
+    /// pgkeep's binary, copied where `postgres` can run it.
+    pub pgkeep: PathBuf,
+    pub pgbackrest: PathBuf,
+    /// The PostgreSQL server's binaries.
+    pub pg_bin: PathBuf,
+    /// The cluster's socket directory.
+    pub sock: PathBuf,
+    /// Each step's output, numbered in order by `log_seq`.
+    pub logs: PathBuf,
+    pub log_seq: std::cell::Cell<u32>,
+}
+
+impl Tools {
+    pub(crate) fn pg(&self, program: &str) -> Command {
+        let mut c = postgres_command(&self.pg_bin.join(program));
+        c.current_dir(&self.dir);
+        c
+    }
+
+    pub(crate) fn pgkeep_cmd(&self, conf: &Path, args: &[&str]) -> Command {
+        let mut c = postgres_command_direct(&self.pgkeep);
+        c.current_dir(&self.dir)
+            .arg("--config")
+            .arg(conf)
+            .args(args);
+        c
+    }
+
+    pub(crate) fn pgbr_cmd(&self, conf: &Path, stanza: &str, args: &[&str]) -> Command {
+        let mut c = postgres_command_direct(&self.pgbackrest);
+        c.current_dir(&self.dir)
+            .arg(format!("--config={}", conf.display()))
+            .arg(format!("--stanza={stanza}"))
+            .args(args);
+        c
+    }
+
+    pub(crate) fn conn_args(&self, port: u16) -> Vec<String> {
+        vec![
+            "-h".into(),
+            self.sock.display().to_string(),
+            "-p".into(),
+            port.to_string(),
+            "-U".into(),
+            "postgres".into(),
+        ]
+    }
+
+    pub(crate) fn sql_at(&self, port: u16, sql: &str) -> Result<String> {
+        let out = self
+            .pg("psql")
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1"])
+            .args(self.conn_args(port))
+            .args(["-d", "postgres", "-c", sql])
+            .output()
+            .context("starting psql")?;
+        if !out.status.success() {
+            bail!(
+                "psql {sql:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    pub(crate) fn stop_server(&self, data: &Path) {
+        if data.join("postmaster.pid").exists() {
+            let _ = self
+                .pg("pg_ctl")
+                .args(["-w", "-m", "immediate", "-D", path(data), "stop"])
+                .output();
+        }
+    }
+
+    /// An empty directory owned by `postgres`, as restores and scratch repositories need.
+    pub(crate) fn fresh_dir(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.dir.join(name);
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        fs::create_dir(&dir)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+        give_to_postgres(&dir)?;
+        Ok(dir)
+    }
+
+    /// Waits until the restored server on `port` paused at its recovery target, then compares
+    /// its content with `expected`.
+    pub(crate) fn wait_restored_matches(&self, port: u16, expected: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while Instant::now() < deadline {
+            let state = self.sql_at(
+                port,
+                "SELECT pg_is_in_recovery() AND pg_get_wal_replay_pause_state() = 'paused'",
+            );
+            if state.ok().as_deref() == Some("t") {
+                let found = self.sql_at(port, FINGERPRINT_SQL)?;
+                if found != expected {
+                    bail!("restored content {found:?} differs from the backed-up {expected:?}");
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("recovery did not reach its target within 300 s")
+    }
+
+    /// Run and measure a step whose failure the caller judges.
+    pub(crate) fn measured(&self, what: &str, cmd: &mut Command) -> Result<Measured> {
+        let n = self.log_seq.get() + 1;
+        self.log_seq.set(n);
+        let slug: String = what
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        measure(cmd, &self.logs.join(format!("{n:04}-{slug}")))
+    }
+
+    /// The error log of the last step run, or an empty string.
+    pub(crate) fn last_log(&self) -> String {
+        let n = self.log_seq.get();
+        fs::read_dir(&self.logs)
+            .ok()
+            .and_then(|rd| {
+                rd.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+                    p.file_name()
+                        .and_then(|f| f.to_str())
+                        .is_some_and(|f| f.starts_with(&format!("{n:04}-")) && f.ends_with(".err"))
+                })
+            })
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+}
+
 struct Bench {
+    tools: Tools,
     opts: Options,
-    dir: PathBuf,
-    pgkeep: PathBuf,
-    pgbackrest: PathBuf,
-    pg_bin: PathBuf,
     data: PathBuf,
-    sock: PathBuf,
     pgkeep_conf: PathBuf,
     pgbr_conf: PathBuf,
     pgbr_repo: PathBuf,
     samples: PathBuf,
-    logs: PathBuf,
-    log_seq: std::cell::Cell<u32>,
+}
+
+impl std::ops::Deref for Bench {
+    type Target = Tools;
+    fn deref(&self) -> &Tools {
+        &self.tools
+    }
 }
 
 impl Bench {
@@ -201,18 +347,20 @@ impl Bench {
         fs::copy(pgkeep, &bin).context("copying the pgkeep binary")?;
         let b = Bench {
             opts: opts.clone(),
-            pgkeep: bin,
-            pgbackrest: pgbackrest.to_path_buf(),
-            pg_bin: pg_bin()?,
             data: dir.join("data"),
-            sock: dir.join("sock"),
             pgkeep_conf: dir.join("pgkeep.toml"),
             pgbr_conf: dir.join("pgbackrest.conf"),
             pgbr_repo: dir.join("pgbackrest-repo"),
             samples: dir.join("wal-samples"),
-            logs: dir.join("logs"),
-            log_seq: std::cell::Cell::new(0),
-            dir,
+            tools: Tools {
+                pgkeep: bin,
+                pgbackrest: pgbackrest.to_path_buf(),
+                pg_bin: pg_bin()?,
+                sock: dir.join("sock"),
+                logs: dir.join("logs"),
+                log_seq: std::cell::Cell::new(0),
+                dir,
+            },
         };
         // pgBackRest's log and lock directories must exist before its first command.
         let pgbr_dirs =
@@ -656,7 +804,7 @@ impl Bench {
             .output()
             .context("starting pg_ctl")?;
         let outcome = if started.status.success() {
-            self.wait_restored_matches(expected)
+            self.wait_restored_matches(RESTORED_PORT, expected)
         } else {
             Err(anyhow::anyhow!("the server did not start"))
         };
@@ -669,25 +817,6 @@ impl Bench {
         })?;
         println!("    {tool} restore: started, recovered, content matches");
         fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
-    }
-
-    fn wait_restored_matches(&self, expected: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while Instant::now() < deadline {
-            let state = self.sql_at(
-                RESTORED_PORT,
-                "SELECT pg_is_in_recovery() AND pg_get_wal_replay_pause_state() = 'paused'",
-            );
-            if state.ok().as_deref() == Some("t") {
-                let found = self.sql_at(RESTORED_PORT, FINGERPRINT_SQL)?;
-                if found != expected {
-                    bail!("restored content {found:?} differs from the backed-up {expected:?}");
-                }
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        bail!("recovery did not reach its target within 300 s")
     }
 
     /// Copy up to PUSH_SEGMENTS full segments written by the data load out of pg_wal, so every
@@ -828,92 +957,8 @@ impl Bench {
         Ok(m)
     }
 
-    /// Run and measure a step whose failure the caller judges.
-    fn measured(&self, what: &str, cmd: &mut Command) -> Result<Measured> {
-        let n = self.log_seq.get() + 1;
-        self.log_seq.set(n);
-        let slug: String = what
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        measure(cmd, &self.logs.join(format!("{n:04}-{slug}")))
-    }
-
-    fn last_log(&self) -> String {
-        let n = self.log_seq.get();
-        fs::read_dir(&self.logs)
-            .ok()
-            .and_then(|rd| {
-                rd.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
-                    p.file_name()
-                        .and_then(|f| f.to_str())
-                        .is_some_and(|f| f.starts_with(&format!("{n:04}-")) && f.ends_with(".err"))
-                })
-            })
-            .map(|p| p.display().to_string())
-            .unwrap_or_default()
-    }
-
-    fn pg(&self, program: &str) -> Command {
-        let mut c = postgres_command(&self.pg_bin.join(program));
-        c.current_dir(&self.dir);
-        c
-    }
-
-    fn pgkeep_cmd(&self, conf: &Path, args: &[&str]) -> Command {
-        let mut c = postgres_command_direct(&self.pgkeep);
-        c.current_dir(&self.dir)
-            .arg("--config")
-            .arg(conf)
-            .args(args);
-        c
-    }
-
-    fn pgbr_cmd(&self, conf: &Path, stanza: &str, args: &[&str]) -> Command {
-        let mut c = postgres_command_direct(&self.pgbackrest);
-        c.current_dir(&self.dir)
-            .arg(format!("--config={}", conf.display()))
-            .arg(format!("--stanza={stanza}"))
-            .args(args);
-        c
-    }
-
-    fn conn_args(&self, port: u16) -> Vec<String> {
-        vec![
-            "-h".into(),
-            self.sock.display().to_string(),
-            "-p".into(),
-            port.to_string(),
-            "-U".into(),
-            "postgres".into(),
-        ]
-    }
-
     fn sql(&self, sql: &str) -> Result<String> {
         self.sql_at(PORT, sql)
-    }
-
-    fn sql_at(&self, port: u16, sql: &str) -> Result<String> {
-        let out = self
-            .pg("psql")
-            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1"])
-            .args(self.conn_args(port))
-            .args(["-d", "postgres", "-c", sql])
-            .output()
-            .context("starting psql")?;
-        if !out.status.success() {
-            bail!(
-                "psql {sql:?}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     fn start_server(&self) -> Result<()> {
@@ -923,27 +968,6 @@ impl Bench {
                 .arg(self.dir.join("server.log"))
                 .arg("start"),
         )
-    }
-
-    fn stop_server(&self, data: &Path) {
-        if data.join("postmaster.pid").exists() {
-            let _ = self
-                .pg("pg_ctl")
-                .args(["-w", "-m", "immediate", "-D", path(data), "stop"])
-                .output();
-        }
-    }
-
-    /// An empty directory owned by `postgres`, as restores and scratch repositories need.
-    fn fresh_dir(&self, name: &str) -> Result<PathBuf> {
-        let dir = self.dir.join(name);
-        if dir.exists() {
-            fs::remove_dir_all(&dir)?;
-        }
-        fs::create_dir(&dir)?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
-        give_to_postgres(&dir)?;
-        Ok(dir)
     }
 
     fn write_pgkeep_conf(&self, file: &Path, repo: &Path) -> Result<()> {

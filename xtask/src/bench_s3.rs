@@ -16,12 +16,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::bench::measure::{measure, Measured};
+use crate::bench::measure::Measured;
 use crate::bench::report::{format_bytes, load_average, Machine};
-use crate::bench::{ensure_installed, warm_page_cache, warm_tree};
+use crate::bench::{ensure_installed, warm_page_cache, warm_tree, Tools, FINGERPRINT_SQL};
 use crate::sh::{
-    append, cargo_build_release, give_to_postgres, path, pg_bin, postgres_command,
-    postgres_command_direct, run_checked, wait_archive_drained,
+    append, cargo_build_release, give_to_postgres, path, pg_bin, run_checked, wait_archive_drained,
 };
 
 const USAGE: &str = "usage: cargo xtask bench --s3 [--scale S] [--runs N] [--keep]";
@@ -62,9 +61,6 @@ int accept4(int s, struct sockaddr *a, socklen_t *l, int flags) {
     return nodelay(real(s, a, l, flags));
 }
 "#;
-
-const FINGERPRINT_SQL: &str = "SELECT (SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts) \
-     || ' ' || (SELECT count(*) || '/' || md5(string_agg(v, '' ORDER BY id)) FROM random_md5 WHERE id % 2000 = 0)";
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Row {
@@ -191,9 +187,9 @@ pub fn bench(args: &[String]) -> Result<()> {
     let keep = opts.keep || result.is_err();
     drop(b.servers);
     if keep {
-        eprintln!("bench files kept in {}", b.dir.display());
+        eprintln!("bench files kept in {}", b.tools.dir.display());
     } else {
-        let _ = fs::remove_dir_all(&b.dir);
+        let _ = fs::remove_dir_all(&b.tools.dir);
     }
     let (samples, cluster_bytes) = result?;
 
@@ -284,19 +280,20 @@ impl Drop for Servers {
 }
 
 struct S3Bench {
+    tools: Tools,
     opts: Options,
-    dir: PathBuf,
-    pgkeep: PathBuf,
-    pgbackrest: PathBuf,
-    pg_bin: PathBuf,
     data: PathBuf,
-    sock: PathBuf,
     samples: PathBuf,
-    logs: PathBuf,
     ca: PathBuf,
     tls_port: u16,
-    log_seq: std::cell::Cell<u32>,
     servers: Servers,
+}
+
+impl std::ops::Deref for S3Bench {
+    type Target = Tools;
+    fn deref(&self) -> &Tools {
+        &self.tools
+    }
 }
 
 impl S3Bench {
@@ -377,18 +374,20 @@ impl S3Bench {
 
         let b = S3Bench {
             opts: Options { ..*opts },
-            pgkeep: bin,
-            pgbackrest: pgbackrest.to_path_buf(),
-            pg_bin: pg_bin()?,
             data: dir.join("data"),
-            sock: dir.join("sock"),
             samples: dir.join("wal-samples"),
-            logs: dir.join("logs"),
             ca: tls.join("ca.pem"),
             tls_port,
-            log_seq: std::cell::Cell::new(0),
             servers,
-            dir,
+            tools: Tools {
+                pgkeep: bin,
+                pgbackrest: pgbackrest.to_path_buf(),
+                pg_bin: pg_bin()?,
+                sock: dir.join("sock"),
+                logs: dir.join("logs"),
+                log_seq: std::cell::Cell::new(0),
+                dir,
+            },
         };
         b.write_pgkeep_conf(STANZA)?;
         b.write_pgbr_conf(STANZA, STANZA)?;
@@ -709,7 +708,7 @@ impl S3Bench {
             ])
             .output()?;
         let outcome = if started.status.success() {
-            self.wait_matches(expected)
+            self.wait_restored_matches(RESTORED_PORT, expected)
         } else {
             Err(anyhow::anyhow!("the server did not start"))
         };
@@ -718,25 +717,6 @@ impl S3Bench {
             .with_context(|| format!("{tool}'s restore is not usable: see {}", log.display()))?;
         println!("    {tool} restore: started, recovered, content matches");
         fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
-    }
-
-    fn wait_matches(&self, expected: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while Instant::now() < deadline {
-            let state = self.sql_at(
-                RESTORED_PORT,
-                "SELECT pg_is_in_recovery() AND pg_get_wal_replay_pause_state() = 'paused'",
-            );
-            if state.ok().as_deref() == Some("t") {
-                let found = self.sql_at(RESTORED_PORT, FINGERPRINT_SQL)?;
-                if found != expected {
-                    bail!("restored content {found:?} differs from {expected:?}");
-                }
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        bail!("recovery did not reach its target within 300 s")
     }
 
     /// CPU seconds the S3 server and the TLS front have used so far: s3s-fs's own, socat's and
@@ -772,104 +752,20 @@ impl S3Bench {
     }
 
     fn quiet_checked(&self, what: &str, cmd: &mut Command) -> Result<Measured> {
-        let n = self.log_seq.get() + 1;
-        self.log_seq.set(n);
-        let slug: String = what
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        let log = self.logs.join(format!("{n:04}-{slug}"));
-        let m = measure(cmd, &log)?;
+        let m = self.measured(what, cmd)?;
         if !m.ok() {
             bail!(
-                "{what} failed ({}): {} (log: {}.err)",
+                "{what} failed ({}): {} (log: {})",
                 m.exit(),
                 m.first_error_line(),
-                log.display()
+                self.last_log()
             );
         }
         Ok(m)
     }
 
-    fn pg(&self, program: &str) -> Command {
-        let mut c = postgres_command(&self.pg_bin.join(program));
-        c.current_dir(&self.dir);
-        c
-    }
-
-    fn pgkeep_cmd(&self, conf: &Path, args: &[&str]) -> Command {
-        let mut c = postgres_command_direct(&self.pgkeep);
-        c.current_dir(&self.dir)
-            .arg("--config")
-            .arg(conf)
-            .args(args);
-        c
-    }
-
-    fn pgbr_cmd(&self, conf: &Path, stanza: &str, args: &[&str]) -> Command {
-        let mut c = postgres_command_direct(&self.pgbackrest);
-        c.current_dir(&self.dir)
-            .arg(format!("--config={}", conf.display()))
-            .arg(format!("--stanza={stanza}"))
-            .args(args);
-        c
-    }
-
-    fn conn_args(&self, port: u16) -> Vec<String> {
-        vec![
-            "-h".into(),
-            self.sock.display().to_string(),
-            "-p".into(),
-            port.to_string(),
-            "-U".into(),
-            "postgres".into(),
-        ]
-    }
-
     fn sql(&self, sql: &str) -> Result<String> {
         self.sql_at(PORT, sql)
-    }
-
-    fn sql_at(&self, port: u16, sql: &str) -> Result<String> {
-        let out = self
-            .pg("psql")
-            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1"])
-            .args(self.conn_args(port))
-            .args(["-d", "postgres", "-c", sql])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "psql {sql:?}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-
-    fn stop_server(&self, data: &Path) {
-        if data.join("postmaster.pid").exists() {
-            let _ = self
-                .pg("pg_ctl")
-                .args(["-w", "-m", "immediate", "-D", path(data), "stop"])
-                .output();
-        }
-    }
-
-    fn fresh_dir(&self, name: &str) -> Result<PathBuf> {
-        let dir = self.dir.join(name);
-        if dir.exists() {
-            fs::remove_dir_all(&dir)?;
-        }
-        fs::create_dir(&dir)?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
-        give_to_postgres(&dir)?;
-        Ok(dir)
     }
 }
 
