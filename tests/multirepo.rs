@@ -372,7 +372,8 @@ fn multirepo_delete_pin_and_drill_with_repo_2_leave_repo_1_alone() {
     let drill_dir = cluster.dir.subdir("drill");
     cluster.set_config("drill", &format!("dir = \"{}\"", drill_dir.display()));
     cluster.execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g");
-    let label = |run: &crate::harness::Run| run.stdout.split_whitespace().nth(1).unwrap().to_string();
+    let label =
+        |run: &crate::harness::Run| run.stdout.split_whitespace().nth(1).unwrap().to_string();
     let in1 = label(&cluster.pgkeep_ok(&["backup", "--type", "full", "--repo", "1"]));
     let old2 = label(&cluster.pgkeep_ok(&["backup", "--type", "full", "--repo", "2"]));
     cluster.execute("INSERT INTO t SELECT g FROM generate_series(1, 100) g");
@@ -395,7 +396,12 @@ fn multirepo_delete_pin_and_drill_with_repo_2_leave_repo_1_alone() {
     let two = shown(&cluster, "2");
     let pinned: Vec<(String, bool)> = two
         .iter()
-        .map(|b| (b["label"].as_str().unwrap().to_string(), b["pinned"] == true))
+        .map(|b| {
+            (
+                b["label"].as_str().unwrap().to_string(),
+                b["pinned"] == true,
+            )
+        })
         .collect();
     assert_eq!(pinned, [(old2.clone(), false), (new2.clone(), true)]);
 
