@@ -350,3 +350,76 @@ fn multirepo_local_and_s3_repositories_archive_back_up_and_restore() {
     cluster.wait_promoted();
     assert_eq!(cluster.fingerprint("t", "id"), live);
 }
+
+/// Every file of a local repository but its catalog and lock, with its content.
+fn repo_tree(repo: &Path) -> Vec<(String, Vec<u8>)> {
+    crate::harness::tree(repo)
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with("catalog.db") && p != "backup.lock")
+        .collect()
+}
+
+fn shown(cluster: &Cluster, repo: &str) -> Vec<serde_json::Value> {
+    let run = cluster.pgkeep_ok(&["show", "--repo", repo, "--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    doc["backups"].as_array().unwrap().clone()
+}
+
+#[test]
+fn multirepo_delete_pin_and_drill_with_repo_2_leave_repo_1_alone() {
+    let cluster = two_local();
+    let r2 = repo2(&cluster);
+    let drill_dir = cluster.dir.subdir("drill");
+    cluster.set_config("drill", &format!("dir = \"{}\"", drill_dir.display()));
+    cluster.execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g");
+    let label =
+        |run: &crate::harness::Run| run.stdout.split_whitespace().nth(1).unwrap().to_string();
+    let in1 = label(&cluster.pgkeep_ok(&["backup", "--type", "full", "--repo", "1"]));
+    let old2 = label(&cluster.pgkeep_ok(&["backup", "--type", "full", "--repo", "2"]));
+    cluster.execute("INSERT INTO t SELECT g FROM generate_series(1, 100) g");
+    cluster.switch_wal_and_wait();
+    let new2 = label(&cluster.pgkeep_ok(&["backup", "--type", "full", "--repo", "2"]));
+    cluster.switch_wal_and_wait();
+    let tree1 = repo_tree(&cluster.repo);
+    let shown1 = shown(&cluster, "1");
+    assert_eq!(shown1.len(), 1);
+
+    // repo1's backup is not repo2's to delete or pin.
+    for verb in ["delete", "pin"] {
+        let run = cluster.pgkeep(&[verb, &in1, "--repo", "2"]);
+        assert_eq!(run.code, Some(1), "{run:?}");
+        assert!(run.stderr.contains("not found"), "{run:?}");
+    }
+
+    let run = cluster.pgkeep_ok(&["pin", &new2, "--repo", "2"]);
+    assert!(run.stdout.contains(&new2), "{run:?}");
+    let two = shown(&cluster, "2");
+    let pinned: Vec<(String, bool)> = two
+        .iter()
+        .map(|b| {
+            (
+                b["label"].as_str().unwrap().to_string(),
+                b["pinned"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(pinned, [(old2.clone(), false), (new2.clone(), true)]);
+
+    cluster.pgkeep_ok(&["delete", &old2, "--repo", "2"]);
+    assert!(!r2.join("backup").join(&old2).exists());
+    assert!(r2.join("backup").join(&new2).join("backup.ini").is_file());
+    let two = shown(&cluster, "2");
+    assert_eq!(two.len(), 1);
+    assert_eq!(two[0]["label"], new2.as_str());
+
+    let run = cluster.pgkeep(&["drill", "--repo", "2", "--json"]);
+    assert!(run.success(), "{run:?}");
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["status"], "passed", "{report}");
+    assert_eq!(report["backup"], new2.as_str(), "{report}");
+    assert!(shown(&cluster, "2")[0]["last_drill"].is_object());
+
+    // repo1: the same files and the same catalog rows, no pin, no drill.
+    assert!(repo_tree(&cluster.repo) == tree1, "repo1's files changed");
+    assert_eq!(shown(&cluster, "1"), shown1);
+}

@@ -505,3 +505,146 @@ fn s3_sync_waits_for_the_puts_commit_unsynced_left_in_flight_and_reports_their_f
     s3.restart();
     storage.sync().unwrap();
 }
+
+/// The WAL file names the bucket holds under the repository's `archive/`, sorted.
+fn archived_names(s3: &S3Server) -> Vec<String> {
+    let mut names: Vec<String> = crate::harness::tree(&object(s3, "archive"))
+        .into_iter()
+        .filter_map(|(p, _)| Some(p.rsplit('/').next()?.strip_suffix(".lz4")?.to_string()))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The log and segment part of a 24-digit WAL file name (the timeline left out).
+/// The objects (files; s3s-fs leaves empty directories behind) under `dir` of the bucket.
+fn objects_under(dir: &Path) -> Vec<String> {
+    if !dir.exists() {
+        return Vec::new();
+    }
+    crate::harness::tree(dir)
+        .into_iter()
+        .filter(|(p, _)| dir.join(p).is_file())
+        .map(|(p, _)| p)
+        .collect()
+}
+
+fn segno(name: &str) -> &str {
+    &name[8..24]
+}
+
+fn label_of(b: &serde_json::Value) -> String {
+    b["label"].as_str().unwrap().to_string()
+}
+
+fn labels(cluster: &Cluster) -> Vec<String> {
+    cluster.backups().iter().map(label_of).collect()
+}
+
+#[test]
+fn s3_full_diff_incr_restore_then_expire_delete_and_pin_act_on_the_bucket() {
+    let Some(s3) = S3Server::start() else { return };
+    s3.create_bucket(BUCKET);
+    let mut cluster = s3_cluster(&s3, ClusterOptions::default());
+    let drill_dir = cluster.dir.subdir("drill");
+    cluster.set_config("drill", &format!("dir = \"{}\"", drill_dir.display()));
+    cluster.set_config("retention", "full = 1\nauto = false");
+    let backup_dir = |label: &str| object(&s3, &format!("backup/{label}"));
+
+    // A full -> diff -> incr chain: the full and the diff each pass a drill (restored, started,
+    // read), the incr restores to a time after it with the data seen live then.
+    cluster.pg_tool_ok("pgbench", &["-i", "-s", "1", "-q"]);
+    let full = cluster.backup("full");
+    cluster.pg_tool_ok("pgbench", &["-c", "1", "-t", "200", "-n"]);
+    let diff = cluster.backup("diff");
+    cluster.pg_tool_ok("pgbench", &["-c", "1", "-t", "200", "-n"]);
+    let incr = cluster.backup("incr");
+    assert_eq!(diff["parent"], full["label"]);
+    assert_eq!(incr["parent"], diff["label"]);
+    for b in [&full, &diff] {
+        let run = cluster.pgkeep(&["drill", "--backup", &label_of(b), "--json"]);
+        assert!(run.success(), "{run:?}");
+        let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        assert_eq!(report["status"], "passed", "{report}");
+        assert_eq!(report["backup"], b["label"], "{report}");
+    }
+    cluster.pg_tool_ok("pgbench", &["-c", "1", "-t", "100", "-n"]);
+    let live = cluster.pgbench_fingerprints();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = server_now(&cluster);
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.execute("DELETE FROM pgbench_history");
+    cluster.switch_wal_and_wait();
+    cluster.restore_and_promote(&["--target-time", &t]);
+    assert_eq!(cluster.pgbench_fingerprints(), live);
+
+    // Two fulls on the new timeline, the older pinned: with `full = 1` expire takes the first
+    // chain and its WAL from the bucket, and keeps the pinned full with the WAL it needs.
+    let pinned = cluster.backup("full");
+    cluster.pgkeep_ok(&["pin", &label_of(&pinned)]);
+    cluster.pg_tool_ok("pgbench", &["-c", "1", "-t", "100", "-n"]);
+    cluster.switch_wal_and_wait();
+    let kept = cluster.backup("full");
+    let at_kept = cluster.pgbench_fingerprints();
+    cluster.switch_wal_and_wait();
+    let before = archived_names(&s3);
+    let floor = segno(pinned["start_wal"].as_str().unwrap()).to_string();
+    assert!(
+        before.iter().any(|n| segno(n) < floor.as_str()),
+        "{before:?}"
+    );
+    for b in [&full, &diff, &incr] {
+        assert!(!objects_under(&backup_dir(&label_of(b))).is_empty());
+    }
+    let run = cluster.pgkeep_ok(&["expire"]);
+    for b in [&full, &diff, &incr] {
+        assert!(
+            run.stdout.contains(&label_of(b)),
+            "{} not reported: {run:?}",
+            label_of(b)
+        );
+        let left = objects_under(&backup_dir(&label_of(b)));
+        assert!(
+            left.is_empty(),
+            "{} left in the bucket: {left:?}",
+            label_of(b)
+        );
+    }
+    for b in [&pinned, &kept] {
+        assert!(backup_dir(&label_of(b)).join("backup.ini").is_file());
+    }
+    assert_eq!(labels(&cluster), [label_of(&pinned), label_of(&kept)]);
+    assert_eq!(cluster.backups()[0]["pinned"], true);
+    // No segment before the pinned full's start is left; between its stop and the kept full's
+    // start nothing either.
+    let pinned_stop = segno(pinned["stop_wal"].as_str().unwrap()).to_string();
+    let kept_start = segno(kept["start_wal"].as_str().unwrap()).to_string();
+    let after = archived_names(&s3);
+    for n in after.iter().filter(|n| !n.ends_with(".history")) {
+        let s = segno(n);
+        assert!(
+            s >= floor.as_str() && (s <= pinned_stop.as_str() || s >= kept_start.as_str()),
+            "{n} kept: {after:?}"
+        );
+    }
+    assert!(after.len() < before.len(), "{before:?} -> {after:?}");
+    let v = cluster.pgkeep_ok(&["validate"]);
+    assert!(v.stdout.contains("0 problem(s)"), "{v:?}");
+
+    // Unpinned, the older full goes at the next expire; `delete` takes an incr from the bucket.
+    cluster.pgkeep_ok(&["unpin", &label_of(&pinned)]);
+    cluster.pgkeep_ok(&["expire"]);
+    assert_eq!(objects_under(&backup_dir(&label_of(&pinned))), [""; 0]);
+    assert_eq!(labels(&cluster), [label_of(&kept)]);
+    cluster.execute("INSERT INTO pgbench_history SELECT * FROM pgbench_history");
+    cluster.switch_wal_and_wait();
+    let extra = cluster.backup("incr");
+    assert!(backup_dir(&label_of(&extra)).join("backup.ini").is_file());
+    cluster.pgkeep_ok(&["delete", &label_of(&extra)]);
+    assert_eq!(objects_under(&backup_dir(&label_of(&extra))), [""; 0]);
+    assert_eq!(labels(&cluster), [label_of(&kept)]);
+
+    // The kept full restores to its consistent point.
+    cluster.restore_and_promote(&["--backup", &label_of(&kept), "--target", "immediate"]);
+    assert_eq!(cluster.pgbench_fingerprints(), at_kept);
+}

@@ -616,6 +616,18 @@ impl Cluster {
         fs::remove_dir_all(&self.data).unwrap();
     }
 
+    /// Stop and wipe, restore with `args` and `--target-action promote`, start and wait until
+    /// the server accepts writes.
+    pub fn restore_and_promote(&mut self, args: &[&str]) {
+        self.stop_and_wipe();
+        let mut all = args.to_vec();
+        all.extend(["--target-action", "promote"]);
+        let run = self.restore(&all);
+        assert!(run.success(), "{run:?}");
+        self.start();
+        self.wait_promoted();
+    }
+
     /// Restore into this cluster's (wiped) data directory with extra restore flags.
     pub fn restore(&self, args: &[&str]) -> Run {
         let mut full = vec!["restore", "--pgdata", self.data.to_str().unwrap()];
