@@ -26,13 +26,13 @@ pub const VERSIONS: &[(u32, &str)] = &[
     (18, "18.4.0-beta.17"),
 ];
 
-/// The integration tests run on every major: archiving (and pushed ahead asynchronously), full and incremental backups, PITR by
-/// time and by LSN, delta restore, validate and catalog rebuild (pg_control per major), recovery
+/// The integration tests run on every major: archiving (and pushed ahead asynchronously), full
+/// and incremental backups, PITR by time and by LSN, delta restore, validate and catalog rebuild (pg_control per major), recovery
 /// stopping at a damaged segment, the restore command, the choice of backup by timeline, the
 /// repository's refusal of another major, the WAL decoder against the server's own reader (16+),
-/// and diff/incr chains read by the changed-block map from
-/// the WAL archive (every major's WAL format) and from WAL summaries (17+; they skip themselves on
-/// older majors).
+/// and diff/incr chains read by the changed-block map from the WAL archive (every major's WAL
+/// format), by the page scan, and from WAL summaries (17+; they skip themselves on older majors),
+/// and a damaged segment in the interval making the backup scan.
 pub const SUBSET: &[&str] = &[
     "archive::archiving_under_pgbench_loses_nothing_and_get_returns_identical_bytes",
     "archive::history_files_are_archived_and_returned",
@@ -52,6 +52,8 @@ pub const SUBSET: &[&str] = &[
     "drill::a_drill_of_a_healthy_repository_passes_reports_rto_and_rpo_and_leaves_the_live_cluster_alone",
     "walrecord::decoder_sees_every_record_and_block_pg_waldump_sees",
     "blockmap::a_chain_from_the_wal_archive_restores_storage_changes_exactly",
+    "blockmap::the_same_chain_with_the_page_scan_restores_exactly",
+    "blockmap::a_damaged_segment_in_the_interval_makes_the_backup_scan",
     "blockmap::the_same_chain_from_wal_summaries_restores_exactly",
     "blockmap::summaries_begun_after_the_parent_fall_back_to_the_archive",
     "blockmap::a_summaries_map_missing_one_block_restores_different_data",
