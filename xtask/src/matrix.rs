@@ -27,9 +27,10 @@ pub const VERSIONS: &[(u32, &str)] = &[
 ];
 
 /// The integration tests run on every major: archiving (and pushed ahead asynchronously), full
-/// and incremental backups, PITR by time and by LSN, delta restore, validate and catalog rebuild (pg_control per major), recovery
-/// stopping at a damaged segment, the restore command, the choice of backup by timeline, the
-/// repository's refusal of another major, the WAL decoder against the server's own reader (16+),
+/// and incremental backups, PITR by time and by LSN, delta restore, validate and catalog rebuild
+/// (pg_control per major), recovery stopping at a damaged segment, the restore command, the
+/// choice of backup by timeline, the repository's refusal of another major, the WAL decoder
+/// against the server's own reader (16+),
 /// and diff/incr chains read by the changed-block map from the WAL archive (every major's WAL
 /// format), by the page scan, and from WAL summaries (17+; they skip themselves on older majors),
 /// and a damaged segment in the interval making the backup scan.
