@@ -31,7 +31,7 @@ const USAGE: &str = "usage: cargo xtask bench [--scale S] [--runs N] [--keep]";
 /// table grows with the scale so that `--scale 90` is three times the default cluster.
 const MD5_ROWS_PER_SCALE: u64 = 50_000;
 /// How many existing WAL segments each tool pushes per run.
-const PUSH_SEGMENTS: usize = 10;
+pub(crate) const PUSH_SEGMENTS: usize = 10;
 const PORT: u16 = 25440;
 /// Restored clusters start on this port, beside the bench's own server, to prove they work.
 const RESTORED_PORT: u16 = 25441;
@@ -819,38 +819,9 @@ impl Bench {
         fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
     }
 
-    /// Copy up to PUSH_SEGMENTS full segments written by the data load out of pg_wal, so every
-    /// run pushes the same bytes. The newest archived segment is left out: `pg_switch_wal` ended
-    /// it early, so it is mostly zeros and would flatter both tools.
+    /// See [`sample_segments`].
     fn sample_segments(&self) -> Result<usize> {
-        let mut done: Vec<String> = fs::read_dir(self.data.join("pg_wal/archive_status"))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().to_str()?.strip_suffix(".done")?.to_string();
-                (name.len() == 24 && name.chars().all(|c| c.is_ascii_hexdigit())).then_some(name)
-            })
-            .collect();
-        done.sort();
-        done.pop();
-        let take = done.len().saturating_sub(PUSH_SEGMENTS);
-        let mut n = 0;
-        for name in &done[take..] {
-            let from = self.data.join("pg_wal").join(name);
-            match fs::copy(&from, self.samples.join(name)) {
-                Ok(_) => n += 1,
-                // Removed by a checkpoint since we listed it: take the others.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("copying {}", from.display())),
-            }
-        }
-        if n == 0 {
-            bail!(
-                "no archived WAL segment left in {}/pg_wal to time archive-push with",
-                self.data.display()
-            );
-        }
-        give_to_postgres(&self.samples)?;
-        Ok(n)
+        sample_segments(&self.data, &self.samples)
     }
 
     /// The newest pgkeep backup, which must be of `kind` and finished (DONE or OK).
@@ -1244,4 +1215,38 @@ fn expire() -> Result<()> {
         seconds[1]
     );
     Ok(())
+}
+
+/// Copies up to [`PUSH_SEGMENTS`] full segments written by the data load out of `data`'s pg_wal
+/// into `samples`, so every run pushes the same bytes. The newest archived segment is left out:
+/// `pg_switch_wal` ended it early, so it is mostly zeros and would flatter both tools.
+pub(crate) fn sample_segments(data: &Path, samples: &Path) -> Result<usize> {
+    let mut done: Vec<String> = fs::read_dir(data.join("pg_wal/archive_status"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.strip_suffix(".done")?.to_string();
+            (name.len() == 24 && name.chars().all(|c| c.is_ascii_hexdigit())).then_some(name)
+        })
+        .collect();
+    done.sort();
+    done.pop();
+    let take = done.len().saturating_sub(PUSH_SEGMENTS);
+    let mut n = 0;
+    for name in &done[take..] {
+        let from = data.join("pg_wal").join(name);
+        match fs::copy(&from, samples.join(name)) {
+            Ok(_) => n += 1,
+            // Removed by a checkpoint since we listed it: take the others.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("copying {}", from.display())),
+        }
+    }
+    if n == 0 {
+        bail!(
+            "no archived WAL segment left in {}/pg_wal to time archive-push with",
+            data.display()
+        );
+    }
+    give_to_postgres(samples)?;
+    Ok(n)
 }

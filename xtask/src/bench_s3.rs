@@ -18,7 +18,9 @@ use serde_json::Value;
 
 use crate::bench::measure::Measured;
 use crate::bench::report::{format_bytes, load_average, Machine};
-use crate::bench::{ensure_installed, warm_page_cache, warm_tree, Tools, FINGERPRINT_SQL};
+use crate::bench::{
+    ensure_installed, warm_page_cache, warm_tree, Tools, FINGERPRINT_SQL, PUSH_SEGMENTS,
+};
 use crate::sh::{
     append, cargo_build_release, give_to_postgres, path, pg_bin, run_checked, wait_archive_drained,
 };
@@ -28,7 +30,6 @@ const PORT: u16 = 25450;
 const RESTORED_PORT: u16 = 25451;
 const STANZA: &str = "bench";
 const PUSH_STANZA: &str = "push";
-const PUSH_SEGMENTS: usize = 10;
 const MD5_ROWS_PER_SCALE: u64 = 50_000;
 const ACCESS_KEY: &str = "pgkeep-bench";
 const SECRET_KEY: &str = "pgkeep-bench-secret-7d1e";
@@ -611,23 +612,7 @@ impl S3Bench {
 
     /// The newest full segments the load wrote (not the last, which pg_switch_wal cut short).
     fn sample_segments(&self) -> Result<()> {
-        let mut done: Vec<String> = fs::read_dir(self.data.join("pg_wal/archive_status"))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_suffix(".done")
-                    .map(str::to_string)
-            })
-            .filter(|n| n.len() == 24)
-            .collect();
-        done.sort();
-        done.pop();
-        for name in done.iter().rev().take(PUSH_SEGMENTS) {
-            fs::copy(self.data.join("pg_wal").join(name), self.samples.join(name))
-                .with_context(|| format!("copying segment {name}"))?;
-        }
-        give_to_postgres(&self.samples)
+        crate::bench::sample_segments(&self.data, &self.samples).map(drop)
     }
 
     /// Each sampled segment pushed by both tools into fresh repositories, alternating who goes
