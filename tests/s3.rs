@@ -335,7 +335,7 @@ fn s3_a_big_object_goes_up_in_parallel_parts_and_comes_back_in_ranged_reads_acro
     };
     s3.create_bucket(BUCKET);
     let storage = s3_storage(&s3);
-    // 110 MiB: four parts of 32 MiB (the last one short) going up at once, then the first 4 MiB
+    // 110 MiB: 14 parts of 8 MiB (the last one short), four going up at once, then the first 4 MiB
     // of the GET's body and 27 ranged GETs of 4 MiB coming back.
     let data = noise(110 << 20, 0x9e37_79b9_7f4a_7c15);
     let mut pending = storage.create("big/object").unwrap();

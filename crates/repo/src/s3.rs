@@ -118,17 +118,17 @@ impl std::fmt::Debug for Inner {
 }
 
 /// Objects up to this size are one PUT; bigger ones are uploaded in parts of this size.
-pub const PART_SIZE: usize = 32 << 20;
+pub const PART_SIZE: usize = 8 << 20;
 
 /// Bytes of `commit_unsynced` PUTs a storage keeps in flight before the next one waits.
-pub const UNSYNCED_BYTES: usize = 64 << 20;
+pub const UNSYNCED_BYTES: usize = 16 << 20;
 
 /// `commit_unsynced` PUTs a storage keeps in flight before the next one waits.
 pub const UNSYNCED_PUTS: usize = 16;
 
 /// Parts of one storage (all its uploads together) being sent at once. With each writer's part
 /// being filled, an upload's memory is at most `(PARTS_IN_FLIGHT + writers) * PART_SIZE`
-/// (160 MiB for one writer), whatever the object's size.
+/// (40 MiB for one writer), whatever the object's size.
 pub const PARTS_IN_FLIGHT: usize = 4;
 
 impl S3Storage {
