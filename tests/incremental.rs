@@ -101,7 +101,21 @@ fn check_and_stop(cluster: &mut Cluster) {
 
 #[test]
 fn a_full_diff_incr_incr_chain_restores_every_backup_to_its_data() {
-    let mut cluster = Cluster::new();
+    chain_restores_every_backup_to_its_data(false);
+}
+
+/// The same chain with `[repo] bundle = true`: small files and small page deltas share bundle
+/// objects, which restore reads one request per bundle.
+#[test]
+fn a_bundled_full_diff_incr_incr_chain_restores_every_backup_to_its_data() {
+    chain_restores_every_backup_to_its_data(true);
+}
+
+fn chain_restores_every_backup_to_its_data(bundle: bool) {
+    let mut cluster = Cluster::with(ClusterOptions {
+        repo_toml: bundle.then(|| "path = \"{dir}/repo\"\nbundle = true\n".to_string()),
+        ..ClusterOptions::default()
+    });
     let ts = cluster.dir.subdir("ts");
     cluster.execute(
         "CREATE TABLE scattered (id int PRIMARY KEY, v text);
@@ -208,6 +222,23 @@ fn a_full_diff_incr_incr_chain_restores_every_backup_to_its_data() {
         !cluster.stored_paths(&labels[3]).contains(&src_t),
         "unchanged {src_t} stored again"
     );
+    // Bundled: the files of each backup are mostly in a few bundles, few objects of their own.
+    for (b, label) in taken.iter().map(|(b, _)| b).zip(&labels) {
+        let bundles = fs::read_dir(cluster.repo.join("backup").join(label).join("bundle"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let own = cluster.stored_paths(label).len();
+        println!("{label}: {bundles} bundles, {own} objects of their own");
+        if bundle {
+            assert!(bundles >= 1, "no bundle in {b}");
+            assert!(
+                own * 10 < b["files"].as_u64().unwrap() as usize,
+                "{own} objects: {b}"
+            );
+        } else {
+            assert_eq!(bundles, 0, "{b}");
+        }
+    }
 
     // Restore every backup of the chain and compare with what the live cluster held.
     for ((b, want), label) in taken.iter().zip(&labels) {

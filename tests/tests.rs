@@ -8,6 +8,7 @@ mod archive;
 mod async_push;
 mod backup;
 mod blockmap;
+mod bundle;
 mod cli;
 mod drill;
 mod expire;

@@ -1139,7 +1139,7 @@ pub(crate) fn warm_page_cache(file: &Path) -> Result<()> {
 /// Waits (at most 30 s) until the block devices have written nothing for half a second and hold
 /// no request in flight: `sync` returns once the data is handed to the device, and a virtual
 /// disk may go on writing it out for seconds, slowing every fsync of the next step.
-fn settle_disks() {
+pub(crate) fn settle_disks() {
     let started = Instant::now();
     let mut last = disk_writes();
     let mut quiet_since = Instant::now();

@@ -449,6 +449,7 @@ impl S3Bench {
             let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
             let mut labels = [String::new(), String::new()];
             for tool in order {
+                self.settle()?;
                 warm_tree(&self.data, &["pg_wal"]);
                 let cpu = self.server_cpu();
                 let m = self.checked(
@@ -462,6 +463,7 @@ impl S3Bench {
             }
             for tool in order {
                 let dir = self.fresh_dir(&format!("restore-{tool}-{run}"))?;
+                self.settle()?;
                 let cpu = self.server_cpu();
                 let m = self.checked(
                     &format!("{} restore", TOOLS[tool]),
@@ -475,6 +477,21 @@ impl S3Bench {
             self.archive_push(run, &mut s)?;
         }
         Ok((s, cluster_bytes))
+    }
+
+    /// Before a timed step: nothing left for the archiver (the load's WAL, or the segments the
+    /// other tool's backup switched, would be pushed by both tools during the step), a
+    /// checkpoint, and the disks idle, so the step is timed alone, whichever tool goes first.
+    fn settle(&self) -> Result<()> {
+        wait_archive_drained(
+            &self.data,
+            Duration::from_secs(600),
+            &self.dir.join("server.log"),
+        )?;
+        self.sql("CHECKPOINT")?;
+        run_checked(&mut Command::new("sync"))?;
+        crate::bench::settle_disks();
+        Ok(())
     }
 
     fn backup_cmd(&self, tool: usize) -> Command {

@@ -19,8 +19,8 @@ mod text;
 
 pub use error::{CatalogError, Result};
 pub use model::{
-    BackupRecord, BackupStatus, BackupType, DrillRecord, FileKind, FileRecord, Pin, RepoIdentity,
-    WalInsert, WalKind, WalRecord,
+    BackupRecord, BackupStatus, BackupType, Bundled, DrillRecord, FileKind, FileRecord, Pin,
+    RepoIdentity, WalInsert, WalKind, WalRecord,
 };
 pub use schema::SCHEMA_VERSION;
 pub use store::Catalog;

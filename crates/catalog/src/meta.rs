@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use crate::text::{escape, parse_pin, parse_time, pin_text, time_text, unescape, NULL};
-use crate::{BackupRecord, CatalogError, FileRecord, Result};
+use crate::{BackupRecord, Bundled, CatalogError, FileRecord, Result};
 
 /// Name of the backup description file in a backup's repository directory.
 pub const BACKUP_INI_FILE: &str = "backup.ini";
@@ -147,17 +147,21 @@ pub fn parse_backup_ini(text: &str) -> Result<BackupRecord> {
     })
 }
 
-/// First line of `manifest`: names the format and its version.
-const MANIFEST_HEADER: &str = "pgkeep manifest 1";
+/// First line of `manifest`: names the format and its version. Format 1 (written before files
+/// could be bundled) lacks the last column and is still read.
+const MANIFEST_HEADER: &str = "pgkeep manifest 2";
+const MANIFEST_HEADER_V1: &str = "pgkeep manifest 1";
 
 /// Second line of `manifest`: the columns, in order.
 const MANIFEST_COLUMNS: &str = "# path\tkind\tsize\tmode\tuid\tgid\tmtime\tlink_target\tcrc32c\
+     \tsha256\tstored_size\tstored_in\tn_blocks\tpage_delta\tbundle";
+const MANIFEST_COLUMNS_V1: &str = "# path\tkind\tsize\tmode\tuid\tgid\tmtime\tlink_target\tcrc32c\
      \tsha256\tstored_size\tstored_in\tn_blocks\tpage_delta";
 
 /// Number of fields on a `manifest` line.
-const MANIFEST_FIELDS: usize = 14;
+const MANIFEST_FIELDS: usize = 15;
 
-/// `manifest`: the header line `pgkeep manifest 1`, a comment line naming the columns, then one
+/// `manifest`: the header line `pgkeep manifest 2`, a comment line naming the columns, then one
 /// line per file in the order given, with these tab-separated fields:
 ///
 /// | # | field         | form                                                           |
@@ -176,6 +180,7 @@ const MANIFEST_FIELDS: usize = 14;
 /// | 12| `stored_in`   | escaped text or `\N`                                           |
 /// | 13| `n_blocks`    | decimal or `\N`                                                |
 /// | 14| `page_delta`  | `0` or `1`                                                     |
+/// | 15| `bundle`      | `<id>:<offset>:<length>` (decimal) or `\N`                     |
 ///
 /// `\N` (as in PostgreSQL's COPY) stands for an absent value; an escaped text never reads `\N`
 /// since every backslash in it is doubled, so `Some("")` and None stay apart.
@@ -204,6 +209,10 @@ pub fn manifest(files: &[FileRecord]) -> String {
             f.n_blocks
                 .map_or_else(|| NULL.to_string(), |n| n.to_string()),
             u8::from(f.page_delta).to_string(),
+            f.bundle.map_or_else(
+                || NULL.to_string(),
+                |b| format!("{}:{}:{}", b.id, b.offset, b.length),
+            ),
         ];
         out.push_str(&fields.join("\t"));
         out.push('\n');
@@ -215,22 +224,31 @@ pub fn manifest(files: &[FileRecord]) -> String {
 pub fn parse_manifest(text: &str) -> Result<Vec<FileRecord>> {
     let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let header = lines.next().unwrap_or_default();
-    if header != MANIFEST_HEADER {
-        let message = match header.strip_prefix("pgkeep manifest ") {
-            Some(version) => {
-                format!("manifest format {version:?} is not supported, this pgkeep reads format 1")
-            }
-            None => format!("expected the header {MANIFEST_HEADER:?}, found {header:?}"),
-        };
-        return Err(manifest_error(1, message));
-    }
-    if lines.next() != Some(MANIFEST_COLUMNS) {
+    let (columns, v1) = match header {
+        MANIFEST_HEADER => (MANIFEST_COLUMNS, false),
+        MANIFEST_HEADER_V1 => (MANIFEST_COLUMNS_V1, true),
+        _ => {
+            let message = match header.strip_prefix("pgkeep manifest ") {
+                Some(version) => format!(
+                    "manifest format {version:?} is not supported, this pgkeep reads formats 1 and 2"
+                ),
+                None => format!("expected the header {MANIFEST_HEADER:?}, found {header:?}"),
+            };
+            return Err(manifest_error(1, message));
+        }
+    };
+    if lines.next() != Some(columns) {
         return Err(manifest_error(2, "expected the column list".into()));
     }
     let mut files = Vec::new();
     for (i, line) in lines.enumerate() {
         if !line.is_empty() {
-            files.push(parse_manifest_line(line).map_err(|m| manifest_error(i + 3, m))?);
+            // Format 1 lines end before the bundle column: the file has an object of its own.
+            let line = match v1 {
+                true => std::borrow::Cow::Owned(format!("{line}\t{NULL}")),
+                false => std::borrow::Cow::Borrowed(line),
+            };
+            files.push(parse_manifest_line(&line).map_err(|m| manifest_error(i + 3, m))?);
         }
     }
     Ok(files)
@@ -238,7 +256,7 @@ pub fn parse_manifest(text: &str) -> Result<Vec<FileRecord>> {
 
 fn parse_manifest_line(line: &str) -> std::result::Result<FileRecord, String> {
     let fields: Vec<&str> = line.split('\t').collect();
-    let [path, kind, size, mode, uid, gid, mtime, link_target, crc32c, sha256, stored_size, stored_in, n_blocks, page_delta] =
+    let [path, kind, size, mode, uid, gid, mtime, link_target, crc32c, sha256, stored_size, stored_in, n_blocks, page_delta, bundle] =
         fields[..]
     else {
         return Err(format!(
@@ -275,7 +293,19 @@ fn parse_manifest_line(line: &str) -> std::result::Result<FileRecord, String> {
             "1" => true,
             other => return Err(format!("invalid page_delta {other:?}, expected 0 or 1")),
         },
+        bundle: opt_field(bundle, parse_bundled)
+            .ok_or_else(|| format!("invalid bundle {bundle:?}, expected <id>:<offset>:<length>"))?,
     })
+}
+
+fn parse_bundled(s: &str) -> Option<Bundled> {
+    let mut parts = s.split(':');
+    let b = Bundled {
+        id: parts.next()?.parse().ok()?,
+        offset: parts.next()?.parse().ok()?,
+        length: parts.next()?.parse().ok()?,
+    };
+    parts.next().is_none().then_some(b)
 }
 
 /// A required manifest field; `parse` returns None for a bad value.

@@ -285,6 +285,21 @@ pub struct FileRecord {
     pub n_blocks: Option<u64>,
     /// Stored as a page delta against the parent chain (diff/incr relation files).
     pub page_delta: bool,
+    /// Where in a bundle object of `stored_in` the content lies; None when the content is an
+    /// object of its own (`backup/<stored_in>/data/<path>.lz4`).
+    pub bundle: Option<Bundled>,
+}
+
+/// A file's place in a bundle: the object `backup/<label>/bundle/<id>` holds the lz4 frames of
+/// many small files one after another, and this one's frame is `length` bytes from `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bundled {
+    /// The bundle's number within its backup.
+    pub id: u32,
+    /// Where the file's frame starts in the bundle.
+    pub offset: u64,
+    /// The frame's length in bytes (compressed).
+    pub length: u64,
 }
 
 /// One file of the WAL archive.

@@ -18,7 +18,7 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 pub(crate) const APPLICATION_ID: i32 = 0x5047_4B50;
 
 /// SQL that takes the schema from version `i` to `i + 1`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 const V1: &str = "
 CREATE TABLE repo_identity (
@@ -122,4 +122,13 @@ CREATE TABLE drill (
     message           TEXT
 );
 CREATE INDEX drill_backup ON drill (backup_label, started_at);
+";
+
+/// Files stored inside a bundle object (`backup/<label>/bundle/<id>`) rather than an object of
+/// their own: the bundle's number and the byte range of the file's lz4 frame in it. All three
+/// are NULL for a file with an object of its own.
+const V5: &str = "
+ALTER TABLE backup_file ADD COLUMN bundle_id INTEGER;
+ALTER TABLE backup_file ADD COLUMN bundle_offset INTEGER;
+ALTER TABLE backup_file ADD COLUMN bundle_length INTEGER;
 ";

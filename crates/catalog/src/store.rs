@@ -16,8 +16,8 @@ use rusqlite::{
 use crate::schema::{APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION};
 use crate::text::{parse_pin, parse_time, pin_text, time_text};
 use crate::{
-    BackupRecord, BackupStatus, CatalogError, DrillRecord, FileRecord, Lsn, Pin, RepoIdentity,
-    Result, WalInsert, WalRecord,
+    BackupRecord, BackupStatus, Bundled, CatalogError, DrillRecord, FileRecord, Lsn, Pin,
+    RepoIdentity, Result, WalInsert, WalRecord,
 };
 
 /// An open catalog: one SQLite connection to the repository's catalog file.
@@ -54,7 +54,7 @@ const BACKUP_COLUMNS: &str = "label, backup_type, status, parent, timeline, star
      page_checksum_failures, error, from_standby, pinned";
 
 const FILE_COLUMNS: &str = "path, kind, size, mode, uid, gid, mtime, link_target, crc32c, sha256, \
-     stored_size, stored_in, n_blocks, page_delta";
+     stored_size, stored_in, n_blocks, page_delta, bundle_id, bundle_offset, bundle_length";
 
 const DRILL_COLUMNS: &str = "backup_label, started_at, status, restore_seconds, \
      recovery_seconds, recovered_lsn, recovered_time, rpo_seconds, message";
@@ -694,7 +694,7 @@ impl Db<'_> {
             .conn
             .prepare_cached(&format!(
                 "INSERT INTO backup_file (backup_label, {FILE_COLUMNS}) VALUES ({})",
-                placeholders(15)
+                placeholders(18)
             ))
             .map_err(|e| self.fail(e, format!("recording the files of backup {label}")))?;
         for f in files {
@@ -714,6 +714,9 @@ impl Db<'_> {
                 f.stored_in,
                 f.n_blocks.map(|n| n as i64),
                 f.page_delta,
+                f.bundle.map(|b| b.id),
+                f.bundle.map(|b| b.offset as i64),
+                f.bundle.map(|b| b.length as i64),
             ])
             .map_err(|e| {
                 if is_unique_violation(&e) {
@@ -1003,6 +1006,18 @@ fn file_from_row(row: &Row<'_>) -> rusqlite::Result<FileRecord> {
         stored_in: row.get(11)?,
         n_blocks: row.get::<_, Option<i64>>(12)?.map(|v| v as u64),
         page_delta: row.get(13)?,
+        bundle: match (
+            row.get::<_, Option<u32>>(14)?,
+            row.get::<_, Option<i64>>(15)?,
+            row.get::<_, Option<i64>>(16)?,
+        ) {
+            (Some(id), Some(offset), Some(length)) => Some(Bundled {
+                id,
+                offset: offset as u64,
+                length: length as u64,
+            }),
+            _ => None,
+        },
     })
 }
 

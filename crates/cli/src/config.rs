@@ -57,6 +57,7 @@ struct RepoSection {
     secret_access_key: Option<String>,
     ca_file: Option<PathBuf>,
     catalog: Option<PathBuf>,
+    bundle: Option<bool>,
 }
 
 #[derive(Deserialize, Debug, Default, PartialEq, Eq)]
@@ -448,7 +449,10 @@ fn repo_config(
             ))
         })?;
         absolute(&repo_path, &format!("{section} path"))?;
-        return Ok(RepoConfig::local(repo_path));
+        return Ok(RepoConfig {
+            bundle: r.bundle.unwrap_or(false),
+            ..RepoConfig::local(repo_path)
+        });
     }
     if r.path.is_some() {
         return Err(err(format!(
@@ -499,6 +503,7 @@ fn repo_config(
             ca_file: r.ca_file,
         }),
         catalog,
+        bundle: r.bundle.unwrap_or(true),
     })
 }
 

@@ -81,6 +81,7 @@ fn fill(catalog: &Catalog, storage: &LocalStorage, id: &RepoIdentity) -> anyhow:
                 stored_in: Some(label.clone()),
                 n_blocks: None,
                 page_delta: false,
+                bundle: None,
             });
         }
         let record = BackupRecord {

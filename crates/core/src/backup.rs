@@ -28,11 +28,12 @@ use pgkeep_pg::{
     parse_relation_path, segment_name, verify_page, BackupLabel, ControlFile, Fork, Lsn,
     PageHeader, PageVerdict, RelFileLocator, TimelineId, WalSegSize,
 };
-use pgkeep_repo::{keys, put_bytes, CompressWriter, PendingObject, Storage};
+use pgkeep_repo::{keys, put_bytes, CompressWriter, Storage};
 use sha2::{Digest as _, Sha256};
 
 use crate::archive::wait_for_wal;
 use crate::blockmap::{self, BlockMap, Changes, MapSource, Origin};
+use crate::bundle::{Bundler, Sink};
 use crate::chain::{Chain, ChainPages};
 use crate::check::{archive_command_ok, expected_archive_config};
 use crate::config::Config;
@@ -561,6 +562,7 @@ fn run(
         map: map.as_ref().and_then(|m| m.as_ref().ok()),
         counts: Counts::default(),
         progress,
+        bundler: Bundler::new(repo.storage(), &record.label, cfg.repo.bundle),
     };
     let mut copied = copier.copy_all(&entries, jobs)?;
     copied.blocks = map.as_ref().map(|m| copier.counts.report(m));
@@ -908,6 +910,8 @@ struct Copier<'a> {
     map: Option<&'a BlockMap>,
     counts: Counts,
     progress: &'a dyn Progress,
+    /// Where each stored file goes: an object of its own or a bundle.
+    bundler: Bundler<'a>,
 }
 
 struct Copied {
@@ -985,7 +989,20 @@ struct DeltaEnd {
     sha256: Option<[u8; 32]>,
 }
 
-type DeltaObject = DeltaWriter<CompressWriter<Box<dyn PendingObject>>>;
+type DeltaObject = DeltaWriter<CompressWriter<Sink>>;
+
+/// Where a relation file's page delta is stored, and at most how many raw bytes it holds (which
+/// decides whether it goes into a bundle).
+struct Target {
+    key: String,
+    raw: u64,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key)
+    }
+}
 
 impl Copier<'_> {
     fn copy_all(&self, entries: &[Entry], jobs: usize) -> Result<Copied> {
@@ -1018,6 +1035,7 @@ impl Copier<'_> {
             .copy_file(control[0], &mut buf)?
             .ok_or_else(|| anyhow!("global/pg_control vanished during the backup"))?;
         copied.push(rec);
+        self.bundler.finish()?;
         self.progress.finish();
         files.append(&mut copied);
         files.sort_by(|a, b| a.path.cmp(&b.path));
@@ -1079,9 +1097,9 @@ impl Copier<'_> {
         };
         let relation = parse_relation_path(&entry.rel).map(|(_, f)| f);
         let key = keys::backup_file(self.label, &entry.rel);
-        let object = self.storage.create(&key)?;
+        let sink = self.bundler.sink(&key, entry.size)?;
         // The SHA-256 comes from scan, which hashes big files on a thread of their own.
-        let mut writer = CompressWriter::new(object, false);
+        let mut writer = CompressWriter::new(sink, false);
         let mut failures = Vec::new();
         let (_, sha256) = self.scan(&mut file, entry, buf, true, &mut failures, |chunk, _| {
             writer
@@ -1127,7 +1145,10 @@ impl Copier<'_> {
             .parent
             .ok_or_else(|| anyhow!("{} has no parent backup to compare with", entry.rel))?;
         let since = parent.record.start_lsn;
-        let key = keys::backup_file(self.label, &entry.rel);
+        let key = Target {
+            key: keys::backup_file(self.label, &entry.rel),
+            raw: entry.size,
+        };
         let mut delta: Option<DeltaObject> = None;
         let mut failures = Vec::new();
         let mut tail: Vec<u8> = Vec::new();
@@ -1224,8 +1245,6 @@ impl Copier<'_> {
             .parent
             .ok_or_else(|| anyhow!("{} has no parent backup to compare with", entry.rel))?;
         let n_blocks = size.div_ceil(bs as u64);
-        let key = keys::backup_file(self.label, &entry.rel);
-        let mut delta: Option<DeltaObject> = None;
         let mut failures = Vec::new();
         let mut older = OlderPages::new(self.storage, parent, bs);
         let max_run = (buf.len() / bs) as u64;
@@ -1233,6 +1252,11 @@ impl Copier<'_> {
             bail!("block size {bs} is too large for the copy buffer");
         }
         let wanted: Vec<u64> = plan.reads(n_blocks).collect();
+        let key = Target {
+            key: keys::backup_file(self.label, &entry.rel),
+            raw: wanted.len() as u64 * bs as u64,
+        };
+        let mut delta: Option<DeltaObject> = None;
         let runs = block_runs(&wanted, max_run);
         let mut ahead = ReadAhead::new(&file, &runs, bs);
         for (i, &(start, len)) in runs.iter().enumerate() {
@@ -1267,7 +1291,7 @@ impl Copier<'_> {
         &self,
         entry: &Entry,
         p: &FileRecord,
-        key: &str,
+        key: &Target,
         delta: Option<DeltaObject>,
         end: DeltaEnd,
         failures: Vec<PageFailure>,
@@ -1281,7 +1305,7 @@ impl Copier<'_> {
         let delta = match delta {
             Some(d) => d,
             None if size == parent_size => return Ok(Some((reference(entry, p), failures))),
-            None => new_delta(self.storage, key, self.block_size)?,
+            None => self.new_delta(key)?,
         };
         let n_blocks_u32 = u32::try_from(n_blocks).map_err(|_| {
             anyhow!(
@@ -1292,7 +1316,7 @@ impl Copier<'_> {
         let writer = delta
             .finish(n_blocks_u32)
             .with_context(|| format!("writing {key}"))?;
-        let mut rec = self.commit(entry, key, writer, sha256)?;
+        let mut rec = self.commit(entry, &key.key, writer, sha256)?;
         rec.n_blocks = Some(n_blocks);
         rec.page_delta = true;
         Ok(Some((rec, failures)))
@@ -1345,13 +1369,14 @@ impl Copier<'_> {
         &self,
         entry: &Entry,
         key: &str,
-        writer: CompressWriter<Box<dyn PendingObject>>,
+        writer: CompressWriter<Sink>,
         sha256: Option<[u8; 32]>,
     ) -> Result<FileRecord> {
-        let (digest, stored_size, object) =
+        let (digest, stored_size, sink) =
             writer.finish().with_context(|| format!("writing {key}"))?;
-        object.commit_unsynced()?;
+        let bundle = self.bundler.close(sink)?;
         let mut rec = record_of(entry, Some(self.label));
+        rec.bundle = bundle;
         rec.size = digest.size;
         rec.crc32c = Some(digest.crc32c);
         rec.sha256 = sha256;
@@ -1359,19 +1384,26 @@ impl Copier<'_> {
         Ok(rec)
     }
 
+    /// A page delta's writer, in a bundle or an object of its own.
+    fn new_delta(&self, to: &Target) -> Result<DeltaObject> {
+        let sink = self.bundler.sink(&to.key, to.raw)?;
+        DeltaWriter::new(CompressWriter::new(sink, false), self.block_size)
+            .with_context(|| format!("writing {to}"))
+    }
+
     /// Add one page to the delta, creating its object on the first page; `base` is the parent
     /// chain's copy of the block, if it has one.
     fn delta_page(
         &self,
         delta: &mut Option<DeltaObject>,
-        key: &str,
+        key: &Target,
         block: u64,
         page: &[u8],
         base: Option<&[u8]>,
     ) -> Result<()> {
         let d = match delta {
             Some(d) => d,
-            None => delta.insert(new_delta(self.storage, key, self.block_size)?),
+            None => delta.insert(self.new_delta(key)?),
         };
         let block = u32::try_from(block)
             .map_err(|_| anyhow!("block {block} of {key} is beyond any relation segment"))?;
@@ -1677,12 +1709,6 @@ fn page_changed(page: &[u8], since: Lsn) -> bool {
     }
 }
 
-fn new_delta(storage: &dyn Storage, key: &str, block_size: usize) -> Result<DeltaObject> {
-    let object = storage.create(key)?;
-    DeltaWriter::new(CompressWriter::new(object, false), block_size)
-        .with_context(|| format!("writing {key}"))
-}
-
 /// Open a file to copy; None when it vanished.
 fn open(entry: &Entry) -> Result<Option<File>> {
     match File::open(&entry.abs) {
@@ -1720,6 +1746,7 @@ fn record_of(e: &Entry, stored_in: Option<&str>) -> FileRecord {
         stored_in: stored_in.map(str::to_string),
         n_blocks: None,
         page_delta: false,
+        bundle: None,
     }
 }
 

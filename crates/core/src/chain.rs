@@ -10,7 +10,9 @@ use std::io::Read;
 
 use anyhow::{anyhow, bail, Result};
 use pgkeep_catalog::{BackupRecord, Catalog, FileKind, FileRecord};
-use pgkeep_repo::{keys, DecompressReader, FrameError, Storage, StorageError};
+use pgkeep_repo::{DecompressReader, FrameError, Storage, StorageError};
+
+use crate::bundle::{open_range, stored_key};
 
 use crate::delta::{DeltaError, DeltaReader};
 
@@ -28,9 +30,19 @@ pub(crate) struct Chain {
 /// One stored object of a file's content and what it must decompress to.
 #[derive(Debug)]
 pub(crate) struct Layer {
+    /// The object holding it: its own, or a bundle.
     pub key: String,
+    /// `(offset, length)` of its frame in the bundle at `key`; None for an object of its own.
+    pub range: Option<(u64, u64)>,
     pub size: u64,
     pub crc: u32,
+}
+
+impl Layer {
+    /// The layer's compressed frame.
+    pub fn open(&self, storage: &dyn Storage) -> Result<Box<dyn Read + Send>, StorageError> {
+        open_range(storage, &self.key, self.range)
+    }
 }
 
 /// Where one file's content comes from.
@@ -109,8 +121,10 @@ impl Chain {
                 rec = self.older_file(pos, &rec.path)?;
                 continue;
             }
+            let at = stored_key(label, &rec.path, rec.bundle);
             let layer = Layer {
-                key: keys::backup_file(label, &rec.path),
+                key: at.key,
+                range: at.range,
                 size: rec.size,
                 crc: rec.crc32c.ok_or_else(|| {
                     anyhow!(
@@ -177,12 +191,12 @@ struct LayerCursor {
 
 impl ChainPages {
     pub fn open(storage: &dyn Storage, source: &Source, block_size: usize) -> Result<Self> {
-        let base = DecompressReader::new(storage.open(&source.base.key)?, false);
+        let base = DecompressReader::new(source.base.open(storage)?, false);
         let layers = source
             .deltas
             .iter()
             .map(|layer| {
-                let reader = DecompressReader::new(storage.open(&layer.key)?, false);
+                let reader = DecompressReader::new(layer.open(storage)?, false);
                 let reader =
                     DeltaReader::new(reader, block_size).map_err(|e| delta_error(&layer.key, e))?;
                 Ok(LayerCursor {
@@ -286,6 +300,7 @@ fn read_error(key: &str, e: std::io::Error) -> anyhow::Error {
 mod tests {
     use super::*;
     use pgkeep_catalog::BackupType;
+    use pgkeep_repo::keys;
 
     fn backup(label: &str, parent: Option<&str>) -> BackupRecord {
         BackupRecord {
@@ -317,6 +332,7 @@ mod tests {
             stored_in: Some(stored_in.into()),
             n_blocks: Some(3),
             page_delta,
+            bundle: None,
         }
     }
 

@@ -77,6 +77,9 @@ pub struct RepoConfig {
     pub storage: RepoStorage,
     /// The SQLite catalog: `catalog.db` inside a local repository, the `catalog` key for S3.
     pub catalog: PathBuf,
+    /// Store a backup's small files together in bundle objects (`[repo] bundle`; on by default
+    /// for S3, where each object costs a request, off for a local directory).
+    pub bundle: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -94,6 +97,7 @@ impl RepoConfig {
             number: 1,
             catalog: path.join(keys::CATALOG_FILE),
             storage: RepoStorage::Local(path),
+            bundle: false,
         }
     }
 

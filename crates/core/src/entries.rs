@@ -110,6 +110,7 @@ mod tests {
             stored_in: None,
             n_blocks: None,
             page_delta: false,
+            bundle: None,
         }
     }
 

@@ -9,6 +9,7 @@
 pub mod archive;
 pub mod backup;
 pub(crate) mod blockmap;
+pub(crate) mod bundle;
 pub(crate) mod chain;
 pub mod check;
 pub mod config;

@@ -21,10 +21,11 @@ use pgkeep_catalog::{
     WalRecord,
 };
 use pgkeep_pg::{ControlFile, WalFileName, WalSegSize};
-use pgkeep_repo::{fetch_decompressed, get_bytes, keys, Storage};
+use pgkeep_repo::{decompress_into, fetch_decompressed, get_bytes, keys, Storage};
 
 use crate::archive::wal_kind;
 use crate::backup::{BACKUP_INI, MANIFEST};
+use crate::bundle::stored_key;
 use crate::config::Config;
 use crate::config::RepoStorage;
 use crate::entries::check_entries;
@@ -273,13 +274,14 @@ fn identity_from_backup(
         .iter()
         .find(|f| f.path == "global/pg_control" && f.kind == FileKind::File)
         .ok_or_else(|| anyhow!("its manifest lists no global/pg_control"))?;
-    let key = keys::backup_file(
+    let at = stored_key(
         control.stored_in.as_deref().unwrap_or(&b.label),
         &control.path,
+        control.bundle,
     );
     let expect = control.crc32c.map(|crc| (control.size, crc));
     let mut bytes = Vec::new();
-    fetch_decompressed(storage, &key, &mut bytes, expect, false)?;
+    decompress_into(at.open(storage)?, &at.key, &mut bytes, expect, false)?;
     let control = ControlFile::parse(&bytes).context("reading its global/pg_control")?;
     if control.system_identifier != b.system_identifier {
         bail!(

@@ -9,15 +9,16 @@
 //! catalog rebuilt from the repository keeps it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::io;
+use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use pgkeep_catalog::{meta, BackupRecord, BackupStatus, Catalog, FileKind, FileRecord, WalRecord};
 use pgkeep_pg::{Lsn, TimelineId, WalFileName, WalSegSize};
-use pgkeep_repo::{fetch_decompressed, get_bytes, keys, StorageError};
+use pgkeep_repo::{decompress_into, get_bytes, keys, StorageError};
 
 use crate::backup::{needed_segments, BACKUP_INI, BACKUP_LABEL, MANIFEST};
+use crate::bundle::{stored_key, StoredAt};
 use crate::config::Config;
 use crate::parallel;
 use crate::progress::Progress;
@@ -170,7 +171,7 @@ pub fn validate(
             // A page-delta object holds less than the file's size: only its CRC is recorded.
             let size = (!f.page_delta).then_some(f.size);
             checks.add(
-                keys::backup_file(stored_in, &f.path),
+                stored_key(stored_in, &f.path, f.bundle),
                 size,
                 f.crc32c,
                 f.size,
@@ -184,7 +185,11 @@ pub fn validate(
             WalFileName::Segment { .. } | WalFileName::Partial { .. } => seg.bytes(),
             WalFileName::Backup { .. } | WalFileName::History { .. } => 0,
         });
-        checks.add(w.key.clone(), size, crc, weight);
+        let at = StoredAt {
+            key: w.key.clone(),
+            range: None,
+        };
+        checks.add(at, size, crc, weight);
     }
     let jobs = opts
         .jobs
@@ -520,7 +525,9 @@ struct Checks {
 }
 
 struct Check {
+    /// How verdicts name it: the object's key, with the byte range for a bundled file.
     key: String,
+    at: StoredAt,
     /// Expected decompressed size, when recorded for the object itself.
     size: Option<u64>,
     /// Expected CRC-32C; None when nothing was recorded, so only the lz4 frames are checked.
@@ -533,13 +540,15 @@ struct Check {
 type Verdicts = HashMap<String, Option<String>>;
 
 impl Checks {
-    fn add(&mut self, key: String, size: Option<u64>, crc32c: Option<u32>, weight: u64) {
+    fn add(&mut self, at: StoredAt, size: Option<u64>, crc32c: Option<u32>, weight: u64) {
+        let key = at.name();
         if self.by_key.contains_key(&key) {
             return;
         }
         self.by_key.insert(key.clone(), self.items.len());
         self.items.push(Check {
             key,
+            at,
             size,
             crc32c,
             weight,
@@ -547,28 +556,57 @@ impl Checks {
     }
 
     fn run(&mut self, repo: &Repo, jobs: usize, progress: &dyn Progress) -> Result<Verdicts> {
-        // Largest first, so no worker is left with a big file at the end.
+        // Largest first, so no worker is left with a big file at the end; the files of one
+        // bundle together, read with one request.
         self.items.sort_by_key(|c| std::cmp::Reverse(c.weight));
         let total = self.items.iter().map(|c| c.weight).sum();
+        let mut units: Vec<Vec<&Check>> = Vec::new();
+        let mut bundles: BTreeMap<&str, Vec<&Check>> = BTreeMap::new();
+        for c in &self.items {
+            match c.at.range {
+                Some(_) => bundles.entry(&c.at.key).or_default().push(c),
+                None => units.push(vec![c]),
+            }
+        }
+        for (_, mut files) in bundles {
+            files.sort_by_key(|c| c.at.range);
+            units.push(files);
+        }
         progress.start("validating", Some(total));
         let storage = repo.storage();
-        let verdicts = parallel::for_each(&self.items, jobs, |c, _buf| {
-            let expect = c.size.zip(c.crc32c);
-            let verdict = match fetch_decompressed(storage, &c.key, &mut io::sink(), expect, false)
-            {
-                Ok(d) if c.crc32c.is_some_and(|crc| crc != d.crc32c) => Some(format!(
-                    "damaged: expected crc32c {:08x}, found {:08x}",
-                    c.crc32c.unwrap_or_default(),
-                    d.crc32c
-                )),
-                Ok(_) => None,
-                Err(e) => Some(storage_reason(&e)),
-            };
-            progress.advance(c.weight);
-            Ok((c.key.clone(), verdict))
+        let verdicts = parallel::for_each(&units, jobs, |unit, _buf| {
+            let mut stream = BundleStream::open(storage, unit);
+            Ok(unit
+                .iter()
+                .map(|c| {
+                    let expect = c.size.zip(c.crc32c);
+                    let fetched = match stream.as_mut().and_then(|s| s.frame(c)) {
+                        Some(frame) => {
+                            decompress_into(frame, &c.at.key, &mut io::sink(), expect, false)
+                        }
+                        None => c.at.open(storage).and_then(|object| {
+                            decompress_into(object, &c.at.key, &mut io::sink(), expect, false)
+                        }),
+                    };
+                    if let Some(s) = stream.as_mut() {
+                        s.end_frame(c);
+                    }
+                    let verdict = match fetched {
+                        Ok(d) if c.crc32c.is_some_and(|crc| crc != d.crc32c) => Some(format!(
+                            "damaged: expected crc32c {:08x}, found {:08x}",
+                            c.crc32c.unwrap_or_default(),
+                            d.crc32c
+                        )),
+                        Ok(_) => None,
+                        Err(e) => Some(storage_reason(&e)),
+                    };
+                    progress.advance(c.weight);
+                    (c.key.clone(), verdict)
+                })
+                .collect::<Vec<_>>())
         })?;
         progress.finish();
-        Ok(verdicts.into_iter().collect())
+        Ok(verdicts.into_iter().flatten().collect())
     }
 
     /// Bytes read from intact objects (damaged ones stop early; their size is not counted).
@@ -578,6 +616,59 @@ impl Checks {
             .filter(|c| matches!(verdicts.get(&c.key), Some(None)))
             .map(|c| c.weight)
             .sum()
+    }
+}
+
+/// The files of one bundle read front to back from one ranged read, from the first one's
+/// frame to the end of the last one's. After anything goes wrong in the stream (a frame that
+/// does not decode to its end, a read error) it is dropped and each later file is read with a
+/// request of its own, so one damaged frame is reported as that file alone.
+struct BundleStream {
+    reader: Option<Box<dyn io::Read + Send>>,
+    pos: u64,
+    frame: Option<io::Take<Box<dyn io::Read + Send>>>,
+}
+
+impl BundleStream {
+    fn open(storage: &dyn pgkeep_repo::Storage, unit: &[&Check]) -> Option<BundleStream> {
+        let (first, last) = (unit.first()?, unit.last()?);
+        let (start, _) = first.at.range?;
+        let (last_offset, last_len) = last.at.range?;
+        if unit.len() < 2 {
+            return None;
+        }
+        let reader = storage
+            .open_range(&first.at.key, start, last_offset + last_len - start)
+            .ok()?;
+        Some(BundleStream {
+            reader: Some(reader),
+            pos: start,
+            frame: None,
+        })
+    }
+
+    /// The frame of `c`, the bytes before it read past; None once the stream is dropped.
+    fn frame(&mut self, c: &Check) -> Option<&mut io::Take<Box<dyn io::Read + Send>>> {
+        let (offset, len) = c.at.range?;
+        let mut reader = self.reader.take()?;
+        let gap = offset.checked_sub(self.pos)?;
+        if io::copy(&mut (&mut reader).take(gap), &mut io::sink()).ok()? != gap {
+            return None;
+        }
+        self.frame = Some(reader.take(len));
+        self.frame.as_mut()
+    }
+
+    /// Read to the end of `c`'s frame, whatever its decoder left, and go on from there.
+    fn end_frame(&mut self, c: &Check) {
+        let (Some(mut frame), Some((offset, len))) = (self.frame.take(), c.at.range) else {
+            return;
+        };
+        let rest = frame.limit();
+        if io::copy(&mut frame, &mut io::sink()).ok() == Some(rest) {
+            self.reader = Some(frame.into_inner());
+            self.pos = offset + len;
+        }
     }
 }
 
@@ -602,7 +693,7 @@ fn file_problems(b: &BackupRecord, files: &[FileRecord], verdicts: &Verdicts) ->
     let mut problems = Vec::new();
     for f in files.iter().filter(|f| f.kind == FileKind::File) {
         let stored_in = f.stored_in.as_deref().unwrap_or(&b.label);
-        let key = keys::backup_file(stored_in, &f.path);
+        let key = stored_key(stored_in, &f.path, f.bundle).name();
         let reason = match (f.crc32c, verdicts.get(&key)) {
             (None, _) => Some("no CRC-32C recorded for it".to_string()),
             (Some(_), Some(Some(reason))) => Some(format!("{reason} ({key})")),

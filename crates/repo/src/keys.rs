@@ -9,6 +9,8 @@
 //! backup/<label>/<name>                              backup.ini, manifest, backup_label, ...
 //! backup/<label>/status/<seq>-<STATUS>               each later status change, newest wins
 //! backup/<label>/data/<path>.lz4                     cluster files, path relative to PGDATA
+//! backup/<label>/bundle/<id>                         small cluster files, their lz4 frames
+//!                                                    one after another (the manifest says where)
 //! ```
 //! WAL is keyed by system identifier (decimal, as `pg_controldata` prints it) so segments of two
 //! clusters can never be mixed up, and grouped by their first 16 hex digits so no directory
@@ -78,6 +80,11 @@ pub fn backup_prefix(label: &str) -> String {
 /// `backup/<label>/data/<path>.lz4`, `path` relative to PGDATA and '/'-separated.
 pub fn backup_file(label: &str, path: &str) -> String {
     format!("{BACKUP}/{label}/data/{path}{LZ4}")
+}
+
+/// `backup/<label>/bundle/<id>`: one bundle of small files of backup `label`.
+pub fn backup_bundle(label: &str, id: u32) -> String {
+    format!("{BACKUP}/{label}/bundle/{id}")
 }
 
 /// Inverse of [`backup_file`] for listing: the PGDATA-relative path if `key` is a data file of
@@ -198,6 +205,10 @@ mod tests {
     #[test]
     fn backup_keys() {
         assert_eq!(backup_prefix("20261121-101500F"), "backup/20261121-101500F");
+        assert_eq!(
+            backup_bundle("20261121-101500F", 7),
+            "backup/20261121-101500F/bundle/7"
+        );
         let key = backup_file("20261121-101500F", "base/5/16384.1");
         assert_eq!(key, "backup/20261121-101500F/data/base/5/16384.1.lz4");
         assert_eq!(

@@ -27,7 +27,8 @@ pub use memory::MemoryStorage;
 pub use s3::{S3Config, S3Storage};
 pub use stream::{CompressWriter, DecompressReader, Digest, FrameError, BLOCK_SIZE};
 pub use transfer::{
-    fetch_decompressed, fetch_decompressed_at, get_bytes, put_bytes, store_compressed,
+    decompress_into, fetch_decompressed, fetch_decompressed_at, get_bytes, put_bytes,
+    store_compressed,
 };
 
 /// What can go wrong storing or fetching a repository object; every variant names the key.
@@ -100,6 +101,18 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn create(&self, key: &str) -> Result<Box<dyn PendingObject>>;
     /// Read the object at `key`; `NotFound` when absent.
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>>;
+    /// Read `len` bytes of the object at `key` from byte `offset` (one file of a bundle);
+    /// `NotFound` when absent. An object that ends early gives fewer bytes, which the frame
+    /// decoder reports as a truncated object.
+    fn open_range(&self, key: &str, offset: u64, len: u64) -> Result<Box<dyn Read + Send>> {
+        let mut object = self.open(key)?;
+        let skipped = io::copy(&mut (&mut object).take(offset), &mut io::sink())
+            .map_err(|e| StorageError::io(key, e))?;
+        if skipped < offset {
+            return Ok(Box::new(io::empty()));
+        }
+        Ok(Box::new(object.take(len)))
+    }
     /// Size in bytes of the stored object, `None` when absent.
     fn size(&self, key: &str) -> Result<Option<u64>>;
     /// When the object at `key` was stored, where the backend keeps it; `None` when absent or

@@ -9,7 +9,7 @@
 //! report errors, an fsync of each of them and their directories.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, ErrorKind, Read, Write};
+use std::io::{self, BufReader, BufWriter, ErrorKind, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -266,6 +266,19 @@ impl Storage for LocalStorage {
         // Buffered so the small header reads of a frame do not each cost a syscall; block-sized
         // reads bypass the buffer.
         Ok(Box::new(BufReader::with_capacity(READ_BUFFER, file)))
+    }
+
+    fn open_range(&self, key: &str, offset: u64, len: u64) -> Result<Box<dyn Read + Send>> {
+        key::check(key)?;
+        let mut file = match File::open(self.path(key)) {
+            Ok(file) => file,
+            Err(e) if is_absent(&e) => return Err(not_found(key)),
+            Err(e) => return Err(StorageError::io(key, e)),
+        };
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|e| StorageError::io(key, e))?;
+        let capacity = usize::try_from(len).unwrap_or(READ_BUFFER).min(READ_BUFFER);
+        Ok(Box::new(BufReader::with_capacity(capacity, file).take(len)))
     }
 
     fn size(&self, key: &str) -> Result<Option<u64>> {

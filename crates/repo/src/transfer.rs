@@ -64,7 +64,19 @@ pub fn fetch_decompressed(
     expect: Option<(u64, u32)>,
     sha256: bool,
 ) -> Result<Digest> {
-    let mut reader = DecompressReader::new(storage.open(key)?, sha256);
+    decompress_into(storage.open(key)?, key, dst, expect, sha256)
+}
+
+/// [`fetch_decompressed`] from an object already opened (or a range of one: a bundled file),
+/// `key` naming it in errors.
+pub fn decompress_into<R: Read>(
+    object: R,
+    key: &str,
+    dst: &mut dyn Write,
+    expect: Option<(u64, u32)>,
+    sha256: bool,
+) -> Result<Digest> {
+    let mut reader = DecompressReader::new(object, sha256);
     let mut written = 0u64;
     loop {
         let chunk = reader.fill_buf().map_err(|e| read_error(key, e))?;

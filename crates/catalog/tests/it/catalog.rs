@@ -142,7 +142,7 @@ fn pins_survive_updates_and_a_version_1_catalog_migrates_unpinned() {
     let path = dir.path().join("catalog.db");
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
-        "ALTER TABLE backup DROP COLUMN pinned; ALTER TABLE backup DROP COLUMN from_standby; DROP TABLE drill; PRAGMA user_version = 1;",
+        "ALTER TABLE backup DROP COLUMN pinned; ALTER TABLE backup DROP COLUMN from_standby; DROP TABLE drill; ALTER TABLE backup_file DROP COLUMN bundle_id; ALTER TABLE backup_file DROP COLUMN bundle_offset; ALTER TABLE backup_file DROP COLUMN bundle_length; PRAGMA user_version = 1;",
     )
     .unwrap();
     drop(conn);
@@ -177,10 +177,11 @@ fn a_version_1_catalog_is_migrated_and_its_backups_came_from_a_primary() {
     catalog.insert_backup(&full).unwrap();
     drop(catalog);
     let path = dir.path().join("catalog.db");
-    // What version 1 had: no from_standby (2) or pinned (3) column, no drill table (4).
+    // What version 1 had: no from_standby (2) or pinned (3) column, no drill table (4), no
+    // bundle columns (5).
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
-        "ALTER TABLE backup DROP COLUMN pinned; ALTER TABLE backup DROP COLUMN from_standby; DROP TABLE drill; PRAGMA user_version = 1;",
+        "ALTER TABLE backup DROP COLUMN pinned; ALTER TABLE backup DROP COLUMN from_standby; DROP TABLE drill; ALTER TABLE backup_file DROP COLUMN bundle_id; ALTER TABLE backup_file DROP COLUMN bundle_offset; ALTER TABLE backup_file DROP COLUMN bundle_length; PRAGMA user_version = 1;",
     )
     .unwrap();
     drop(conn);

@@ -6,8 +6,8 @@ mod meta;
 
 use chrono::{DateTime, TimeZone, Utc};
 use pgkeep_catalog::{
-    BackupRecord, BackupStatus, BackupType, FileKind, FileRecord, Lsn, Pin, RepoIdentity, WalKind,
-    WalRecord,
+    BackupRecord, BackupStatus, BackupType, Bundled, FileKind, FileRecord, Lsn, Pin, RepoIdentity,
+    WalKind, WalRecord,
 };
 use proptest::prelude::*;
 
@@ -73,6 +73,7 @@ pub fn file(i: u64, stored_in: &str) -> FileRecord {
         stored_in: Some(stored_in.to_string()),
         n_blocks: Some(i % 7),
         page_delta: false,
+        bundle: None,
     }
 }
 
@@ -206,10 +207,12 @@ pub fn arb_file() -> impl Strategy<Value = FileRecord> {
         proptest::option::of(any::<u64>()),
         any::<bool>(),
     );
-    (head, tail).prop_map(
+    let bundle = proptest::option::of((any::<u32>(), any::<u64>(), any::<u64>()));
+    (head, tail, bundle).prop_map(
         |(
             (path, kind, size, mode, uid, gid, mtime),
             (link_target, crc32c, sha256, stored_size, stored_in, n_blocks, page_delta),
+            bundle,
         )| FileRecord {
             path,
             kind,
@@ -225,6 +228,7 @@ pub fn arb_file() -> impl Strategy<Value = FileRecord> {
             stored_in,
             n_blocks,
             page_delta,
+            bundle: bundle.map(|(id, offset, length)| Bundled { id, offset, length }),
         },
     )
 }

@@ -1,7 +1,7 @@
 //! Round trips and error messages of the `backup.ini` and `manifest` formats.
 
 use pgkeep_catalog::meta::{backup_ini, manifest, parse_backup_ini, parse_manifest};
-use pgkeep_catalog::{BackupStatus, BackupType, FileKind, FileRecord, Lsn};
+use pgkeep_catalog::{BackupStatus, BackupType, Bundled, FileKind, FileRecord, Lsn};
 use proptest::prelude::*;
 
 use crate::{arb_backup, arb_file, backup, file, time};
@@ -170,11 +170,11 @@ fn manifest_handles_odd_paths() {
     let text = manifest(&files);
     assert_eq!(text.lines().count(), files.len() + 2);
     assert!(
-        text.starts_with("pgkeep manifest 1\n# path\tkind\t"),
+        text.starts_with("pgkeep manifest 2\n# path\tkind\t"),
         "{text}"
     );
     assert!(
-        text.contains("pg_tblspc/16400\tsymlink\t0\t120777\t26\t26\t1763720199\t/srv/tbs\\t1\t\\N\t\\N\t0\t\\N\t\\N\t0\n"),
+        text.contains("pg_tblspc/16400\tsymlink\t0\t120777\t26\t26\t1763720199\t/srv/tbs\\t1\t\\N\t\\N\t0\t\\N\t\\N\t0\t\\N\n"),
         "{text}"
     );
     assert_eq!(parse_manifest(&text).unwrap(), files);
@@ -187,19 +187,19 @@ fn manifest_errors_name_the_line() {
     let cases = [
         (
             String::new(),
-            "manifest line 1: expected the header \"pgkeep manifest 1\", found \"\"",
+            "manifest line 1: expected the header \"pgkeep manifest 2\", found \"\"",
         ),
         (
-            text.replace("pgkeep manifest 1", "pgkeep manifest 7"),
-            "manifest line 1: manifest format \"7\" is not supported, this pgkeep reads format 1",
+            text.replace("pgkeep manifest 2", "pgkeep manifest 7"),
+            "manifest line 1: manifest format \"7\" is not supported, this pgkeep reads formats 1 and 2",
         ),
         (
-            "pgkeep manifest 1\nbase/1\n".into(),
+            "pgkeep manifest 2\nbase/1\n".into(),
             "manifest line 2: expected the column list",
         ),
         (
             text.replace(&line3, "base/1\tfile"),
-            "manifest line 3: expected 14 tab-separated fields, found 2",
+            "manifest line 3: expected 15 tab-separated fields, found 2",
         ),
         (
             text.replace("\tfile\t16384\t", "\tfile\t16x\t"),
@@ -222,11 +222,35 @@ fn manifest_errors_name_the_line() {
             "manifest line 3: invalid sha256 \"01\"",
         ),
         (
-            text.replace("\t0\n", "\tyes\n"),
+            text.replace("\t0\t\\N\n", "\tyes\t\\N\n"),
             "manifest line 3: invalid page_delta \"yes\", expected 0 or 1",
         ),
     ];
     for (text, expected) in cases {
         assert_eq!(parse_manifest(&text).unwrap_err().to_string(), expected);
     }
+}
+
+#[test]
+fn bundled_files_round_trip_and_format_1_still_reads() {
+    let mut files = vec![file(1, "L"), file(2, "L")];
+    files[1].bundle = Some(Bundled {
+        id: 3,
+        offset: 1 << 33,
+        length: 4096,
+    });
+    let text = manifest(&files);
+    assert!(text.contains("\t3:8589934592:4096\n"), "{text}");
+    assert_eq!(parse_manifest(&text).unwrap(), files);
+    for bad in ["3:1", "3:1:2:4", "x:1:2", "3:-1:2"] {
+        let err = parse_manifest(&text.replace("3:8589934592:4096", bad)).unwrap_err();
+        assert!(err.to_string().contains("invalid bundle"), "{bad}: {err}");
+    }
+    // A manifest written before bundles: 14 columns, every file an object of its own.
+    files[1].bundle = None;
+    let v1: String = manifest(&files)
+        .replace("pgkeep manifest 2", "pgkeep manifest 1")
+        .replace("\tpage_delta\tbundle\n", "\tpage_delta\n")
+        .replace("\t\\N\n", "\n");
+    assert_eq!(parse_manifest(&v1).unwrap(), files);
 }

@@ -1,0 +1,259 @@
+//! Bundles: a backup's small files stored together, their lz4 frames one after another in
+//! objects `backup/<label>/bundle/<id>`, so a cluster's thousand small files cost a few requests
+//! to an object store instead of a thousand (`[repo] bundle`). The manifest records each file's
+//! bundle, offset and length; everything that reads a stored file goes through
+//! [`StoredAt::open`], which reads a range of a bundle or an object of its own alike.
+
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use pgkeep_catalog::Bundled;
+use pgkeep_repo::{keys, PendingObject, Storage, StorageError};
+
+/// Files whose raw content is at most this long go into a bundle (pgBackRest's
+/// `repo-bundle-limit` default); bigger ones get an object of their own.
+pub(crate) const BUNDLE_LIMIT: u64 = 2 << 20;
+
+/// A bundle is closed once it holds this many (compressed) bytes; an S3 bundle of this size is
+/// still one PUT.
+pub(crate) const BUNDLE_SIZE: u64 = 4 << 20;
+
+/// Where one stored file's compressed frame goes.
+pub(crate) enum Sink {
+    /// An object of its own.
+    Object(Box<dyn PendingObject>),
+    /// The end of an open bundle, the frame starting at `start`.
+    Bundle { bundle: OpenBundle, start: u64 },
+}
+
+pub(crate) struct OpenBundle {
+    id: u32,
+    object: Box<dyn PendingObject>,
+    len: u64,
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Object(o) => o.write(buf),
+            Sink::Bundle { bundle, .. } => {
+                let n = bundle.object.write(buf)?;
+                bundle.len += n as u64;
+                Ok(n)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Object(o) => o.flush(),
+            Sink::Bundle { bundle, .. } => bundle.object.flush(),
+        }
+    }
+}
+
+/// Hands out sinks to the copy workers: a worker storing a small file takes an open bundle
+/// (or starts one), appends the file's frame and gives the bundle back, so no two files are
+/// ever written into one bundle at once and no lock is held while compressing. Bundles are
+/// committed like the backup's other objects (`commit_unsynced`, made durable by the
+/// storage's `sync` before the backup is DONE).
+pub(crate) struct Bundler<'a> {
+    storage: &'a dyn Storage,
+    label: &'a str,
+    enabled: bool,
+    next_id: AtomicU32,
+    idle: Mutex<Vec<OpenBundle>>,
+}
+
+impl<'a> Bundler<'a> {
+    pub fn new(storage: &'a dyn Storage, label: &'a str, enabled: bool) -> Bundler<'a> {
+        Bundler {
+            storage,
+            label,
+            enabled,
+            next_id: AtomicU32::new(1),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Where to write a file stored at `key` whose raw content is at most `raw` bytes long.
+    pub fn sink(&self, key: &str, raw: u64) -> Result<Sink, StorageError> {
+        if !self.enabled || raw > BUNDLE_LIMIT {
+            return Ok(Sink::Object(self.storage.create(key)?));
+        }
+        let idle = self.lock().pop();
+        let bundle = match idle {
+            Some(b) => b,
+            None => {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                OpenBundle {
+                    id,
+                    object: self.storage.create(&keys::backup_bundle(self.label, id))?,
+                    len: 0,
+                }
+            }
+        };
+        let start = bundle.len;
+        Ok(Sink::Bundle { bundle, start })
+    }
+
+    /// The frame written to `sink` is complete: commit an object of its own, or give the
+    /// bundle back (committing it once full). Returns where in a bundle the frame lies.
+    pub fn close(&self, sink: Sink) -> Result<Option<Bundled>, StorageError> {
+        match sink {
+            Sink::Object(o) => {
+                o.commit_unsynced()?;
+                Ok(None)
+            }
+            Sink::Bundle { bundle, start } => {
+                let placed = Bundled {
+                    id: bundle.id,
+                    offset: start,
+                    length: bundle.len - start,
+                };
+                if bundle.len >= BUNDLE_SIZE {
+                    bundle.object.commit_unsynced()?;
+                } else {
+                    self.lock().push(bundle);
+                }
+                Ok(Some(placed))
+            }
+        }
+    }
+
+    /// Commit the bundles still open; every file placed in one is then stored.
+    pub fn finish(&self) -> Result<(), StorageError> {
+        let open = std::mem::take(&mut *self.lock());
+        for b in open {
+            b.object.commit_unsynced()?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<OpenBundle>> {
+        // A worker that panicked while holding the lock only pushed or popped a bundle.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The key a stored file's content is read from, and its byte range when it lies in a bundle:
+/// `label` is the backup holding it (`stored_in`).
+pub(crate) fn stored_key(label: &str, path: &str, bundle: Option<Bundled>) -> StoredAt {
+    match bundle {
+        Some(b) => StoredAt {
+            key: keys::backup_bundle(label, b.id),
+            range: Some((b.offset, b.length)),
+        },
+        None => StoredAt {
+            key: keys::backup_file(label, path),
+            range: None,
+        },
+    }
+}
+
+/// The object at `key`, or the range `(offset, length)` of it.
+pub(crate) fn open_range(
+    storage: &dyn Storage,
+    key: &str,
+    range: Option<(u64, u64)>,
+) -> Result<Box<dyn Read + Send>, StorageError> {
+    match range {
+        Some((offset, len)) => storage.open_range(key, offset, len),
+        None => storage.open(key),
+    }
+}
+
+/// Where a stored file's compressed frame is: an object, or a range of a bundle.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct StoredAt {
+    pub key: String,
+    /// `(offset, length)` in the bundle at `key`.
+    pub range: Option<(u64, u64)>,
+}
+
+impl StoredAt {
+    /// The frame's bytes, to hand to a `DecompressReader`.
+    pub fn open(&self, storage: &dyn Storage) -> Result<Box<dyn Read + Send>, StorageError> {
+        open_range(storage, &self.key, self.range)
+    }
+
+    /// How errors and reports name it: the key, and the range for a bundled file.
+    pub fn name(&self) -> String {
+        match self.range {
+            Some((offset, len)) => format!("{} (bytes {offset}..{})", self.key, offset + len),
+            None => self.key.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgkeep_repo::{CompressWriter, DecompressReader, MemoryStorage};
+
+    fn store(bundler: &Bundler, key: &str, data: &[u8]) -> Option<Bundled> {
+        let sink = bundler.sink(key, data.len() as u64).unwrap();
+        let mut w = CompressWriter::new(sink, false);
+        w.write_all(data).unwrap();
+        let (_, _, sink) = w.finish().unwrap();
+        bundler.close(sink).unwrap()
+    }
+
+    fn fetch(storage: &dyn Storage, at: &StoredAt) -> Vec<u8> {
+        let mut out = Vec::new();
+        DecompressReader::new(at.open(storage).unwrap(), false)
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn small_files_share_bundles_big_ones_stay_alone_and_each_reads_back() {
+        let storage = MemoryStorage::new();
+        let bundler = Bundler::new(&storage, "L", true);
+        let mut placed = Vec::new();
+        for i in 0..40u32 {
+            // Incompressible enough that 40 files of 160 KiB fill more than one 4 MiB bundle.
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(i);
+            let data: Vec<u8> = (0..160 << 10)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let path = format!("base/1/{i}");
+            let b = store(&bundler, &keys::backup_file("L", &path), &data);
+            placed.push((path, b, data));
+        }
+        let big = vec![7u8; (BUNDLE_LIMIT + 1) as usize];
+        let big_at = store(&bundler, &keys::backup_file("L", "base/1/big"), &big);
+        bundler.finish().unwrap();
+        assert_eq!(
+            big_at, None,
+            "a file above the limit has an object of its own"
+        );
+        let ids: std::collections::BTreeSet<u32> =
+            placed.iter().map(|(_, b, _)| b.unwrap().id).collect();
+        assert!(ids.len() >= 2, "bundles close once full: {ids:?}");
+        for (path, b, data) in &placed {
+            let at = stored_key("L", path, *b);
+            assert!(at.key.starts_with("backup/L/bundle/"), "{at:?}");
+            assert_eq!(&fetch(&storage, &at), data, "{path}");
+        }
+        assert_eq!(fetch(&storage, &stored_key("L", "base/1/big", None)), big);
+        // Nothing but the bundles and the big file was stored.
+        assert_eq!(storage.list("").unwrap().len(), ids.len() + 1);
+    }
+
+    #[test]
+    fn without_bundles_every_file_has_its_object() {
+        let storage = MemoryStorage::new();
+        let bundler = Bundler::new(&storage, "L", false);
+        assert_eq!(store(&bundler, &keys::backup_file("L", "a"), b"abc"), None);
+        bundler.finish().unwrap();
+        assert_eq!(storage.list("").unwrap(), vec![keys::backup_file("L", "a")]);
+    }
+}
