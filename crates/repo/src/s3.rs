@@ -4,8 +4,8 @@
 //! tokio runtime and blocks on it (`Runtime::block_on` may be called from many threads at once,
 //! as backup and restore workers do). A PUT is durable when it returns; `commit_unsynced` (the
 //! many files of a backup) leaves its PUT in flight in a background task and `sync` waits for
-//! them all. A pending object is buffered in memory up to [`PART_SIZE`] and sent as one PUT, or,
-//! once bigger, as a multipart upload of parts of that size sent in parallel ([`PARTS_IN_FLIGHT`]),
+//! them all. A pending object is buffered in memory up to [`SINGLE_PUT_MAX`] and sent as one PUT,
+//! or, once bigger, as a multipart upload of [`PART_SIZE`] parts sent in parallel ([`PARTS_IN_FLIGHT`]),
 //! so memory per upload stays bounded whatever the object's size; big objects are read back in
 //! parallel ranged GETs ([`S3Reader`]). Over https the payload is not hashed into the request's
 //! signature (`UNSIGNED-PAYLOAD`): TLS already protects it in transit, and pgkeep checks every
@@ -117,7 +117,12 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-/// Objects up to this size are one PUT; bigger ones are uploaded in parts of this size.
+/// Objects up to this size are one PUT: a WAL segment of 16 MiB, even one that does not
+/// compress, is one request (a multipart upload of it costs three requests and, on servers that
+/// assemble parts on completion, every byte twice).
+pub const SINGLE_PUT_MAX: usize = 17 << 20;
+
+/// Bigger objects are uploaded in parts of this size.
 pub const PART_SIZE: usize = 8 << 20;
 
 /// Bytes of `commit_unsynced` PUTs a storage keeps in flight before the next one waits.
@@ -127,8 +132,8 @@ pub const UNSYNCED_BYTES: usize = 16 << 20;
 pub const UNSYNCED_PUTS: usize = 16;
 
 /// Parts of one storage (all its uploads together) being sent at once. With each writer's part
-/// being filled, an upload's memory is at most `(PARTS_IN_FLIGHT + writers) * PART_SIZE`
-/// (40 MiB for one writer), whatever the object's size.
+/// being filled, an upload's memory is at most `PARTS_IN_FLIGHT * PART_SIZE + writers *
+/// SINGLE_PUT_MAX` (49 MiB for one writer), whatever the object's size.
 pub const PARTS_IN_FLIGHT: usize = 4;
 
 impl S3Storage {
@@ -476,8 +481,9 @@ impl Storage for S3Storage {
     }
 }
 
-/// An object being written: bytes buffered up to [`PART_SIZE`], then each full buffer handed to
-/// a task that uploads it as the next part while the writer fills the following one.
+/// An object being written: bytes buffered up to [`SINGLE_PUT_MAX`] for one PUT; past that, a
+/// multipart upload whose parts of [`PART_SIZE`] are each handed to a task that uploads it while
+/// the writer fills the following one.
 struct S3Pending {
     inner: Arc<Inner>,
     path: Path,
@@ -497,6 +503,28 @@ impl S3Pending {
     /// multipart upload if needed. Waits first for a part permit (at most [`PARTS_IN_FLIGHT`]
     /// parts of this storage are in flight at once), so memory stays bounded.
     fn send_part(&mut self) -> Result<()> {
+        let part = std::mem::take(&mut self.buf);
+        self.send(part)
+    }
+
+    /// The single PUT's buffer is full: the object becomes a multipart upload, the buffer's
+    /// whole parts sent, the rest kept to fill the next part.
+    fn start_parts(&mut self) -> Result<()> {
+        let whole = std::mem::take(&mut self.buf);
+        let mut parts = whole.chunks(PART_SIZE);
+        let rest = match whole.len() % PART_SIZE {
+            0 => &[][..],
+            _ => parts.next_back().unwrap_or_default(),
+        };
+        for part in parts {
+            self.send(part.to_vec())?;
+        }
+        self.buf = Vec::with_capacity(PART_SIZE);
+        self.buf.extend_from_slice(rest);
+        Ok(())
+    }
+
+    fn send(&mut self, part: Vec<u8>) -> Result<()> {
         let inner = Arc::clone(&self.inner);
         if self.upload.is_none() {
             let started = inner.block_on(inner.store.put_multipart(&self.path));
@@ -509,7 +537,7 @@ impl S3Pending {
         let permit = inner
             .block_on(Arc::clone(&inner.part_permits).acquire_owned())
             .expect("the part semaphore is never closed");
-        let part = PutPayload::from(std::mem::take(&mut self.buf));
+        let part = PutPayload::from(part);
         let upload = self.upload.as_mut().expect("started above");
         // The part's number is fixed here, at the call, whatever order the tasks finish in.
         let send = upload.put_part(part);
@@ -577,7 +605,23 @@ impl S3Pending {
 
 impl Write for S3Pending {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.buf.capacity() == 0 && (self.upload.is_some() || data.len() >= PART_SIZE) {
+        if self.upload.is_none() {
+            let room = SINGLE_PUT_MAX - self.buf.len();
+            let n = data.len().min(room);
+            if self.buf.capacity() - self.buf.len() < n {
+                // Grow by doubling but never past the single PUT's size.
+                let want = (self.buf.len() + n)
+                    .max(self.buf.capacity() * 2)
+                    .min(SINGLE_PUT_MAX);
+                self.buf.reserve_exact(want - self.buf.len());
+            }
+            self.buf.extend_from_slice(&data[..n]);
+            if self.buf.len() == SINGLE_PUT_MAX {
+                self.start_parts().map_err(io::Error::other)?;
+            }
+            return Ok(n);
+        }
+        if self.buf.capacity() == 0 {
             self.buf.reserve_exact(PART_SIZE);
         }
         let room = PART_SIZE - self.buf.len();
