@@ -6,11 +6,20 @@ use std::io::Read;
 
 use crate::harness::{Cluster, ClusterOptions};
 
-fn bundled_cluster() -> Cluster {
-    Cluster::with(ClusterOptions {
+/// A cluster whose local repository bundles, holding a table `small` (a bundled file once
+/// backed up), and that table's fingerprint.
+fn bundled_cluster_with_a_small_table() -> (Cluster, String) {
+    let cluster = Cluster::with(ClusterOptions {
         repo_toml: Some("path = \"{dir}/repo\"\nbundle = true\n".to_string()),
         ..ClusterOptions::default()
-    })
+    });
+    cluster.execute(
+        "CREATE TABLE small (id int PRIMARY KEY, v text);
+         INSERT INTO small SELECT g, md5(g::text) FROM generate_series(1, 2000) g;
+         CHECKPOINT",
+    );
+    let want = cluster.fingerprint("small", "id");
+    (cluster, want)
 }
 
 /// Where the manifest of backup `label` says `path` lies: (bundle id, offset, length).
@@ -52,13 +61,7 @@ fn corrupt_frame(bundle: &std::path::Path, offset: u64, length: u64) {
 
 #[test]
 fn a_damaged_frame_in_a_bundle_is_reported_by_file_and_the_others_still_restore() {
-    let mut cluster = bundled_cluster();
-    cluster.execute(
-        "CREATE TABLE small (id int PRIMARY KEY, v text);
-         INSERT INTO small SELECT g, md5(g::text) FROM generate_series(1, 2000) g;
-         CHECKPOINT",
-    );
-    let want = cluster.fingerprint("small", "id");
+    let (mut cluster, want) = bundled_cluster_with_a_small_table();
     let good = cluster.backup("full");
     let bad = cluster.backup("full");
     let (good, bad) = (
@@ -94,13 +97,7 @@ fn a_damaged_frame_in_a_bundle_is_reported_by_file_and_the_others_still_restore(
 
 #[test]
 fn delta_restore_from_bundles_keeps_what_is_unchanged_and_rewrites_the_rest() {
-    let mut cluster = bundled_cluster();
-    cluster.execute(
-        "CREATE TABLE small (id int PRIMARY KEY, v text);
-         INSERT INTO small SELECT g, md5(g::text) FROM generate_series(1, 2000) g;
-         CHECKPOINT",
-    );
-    let want = cluster.fingerprint("small", "id");
+    let (mut cluster, want) = bundled_cluster_with_a_small_table();
     let full = cluster.backup("full");
     let label = full["label"].as_str().unwrap().to_string();
     let rel = cluster.query_text("SELECT pg_relation_filepath('small')");
