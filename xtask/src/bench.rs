@@ -193,6 +193,36 @@ pub(crate) struct Tools {
 }
 
 impl Tools {
+    /// A fresh scratch directory `dir` (0755, so `postgres` reaches it) holding a copy of the
+    /// pgkeep binary and the directories every bench uses: the socket directory, step logs, WAL
+    /// samples, and pgBackRest's log, lock and spool directories (which must exist before its
+    /// first command).
+    pub(crate) fn create(dir: PathBuf, pgkeep: &Path, pgbackrest: &Path) -> Result<Tools> {
+        fs::create_dir_all(&dir)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+        let bin = dir.join("pgkeep");
+        fs::copy(pgkeep, &bin).context("copying the pgkeep binary")?;
+        for d in [
+            "sock",
+            "logs",
+            "wal-samples",
+            "pgbackrest-log",
+            "pgbackrest-lock",
+            "pgbackrest-spool",
+        ] {
+            fs::create_dir_all(dir.join(d))?;
+        }
+        Ok(Tools {
+            pgkeep: bin,
+            pgbackrest: pgbackrest.to_path_buf(),
+            pg_bin: pg_bin()?,
+            sock: dir.join("sock"),
+            logs: dir.join("logs"),
+            log_seq: std::cell::Cell::new(0),
+            dir,
+        })
+    }
+
     pub(crate) fn pg(&self, program: &str) -> Command {
         let mut c = postgres_command(&self.pg_bin.join(program));
         c.current_dir(&self.dir);
@@ -341,10 +371,6 @@ impl std::ops::Deref for Bench {
 impl Bench {
     fn create(pgkeep: &Path, pgbackrest: &Path, opts: &Options) -> Result<Bench> {
         let dir = PathBuf::from(format!("/tmp/pgkeep-bench-{}", std::process::id()));
-        fs::create_dir_all(&dir)?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
-        let bin = dir.join("pgkeep");
-        fs::copy(pgkeep, &bin).context("copying the pgkeep binary")?;
         let b = Bench {
             opts: opts.clone(),
             data: dir.join("data"),
@@ -352,22 +378,8 @@ impl Bench {
             pgbr_conf: dir.join("pgbackrest.conf"),
             pgbr_repo: dir.join("pgbackrest-repo"),
             samples: dir.join("wal-samples"),
-            tools: Tools {
-                pgkeep: bin,
-                pgbackrest: pgbackrest.to_path_buf(),
-                pg_bin: pg_bin()?,
-                sock: dir.join("sock"),
-                logs: dir.join("logs"),
-                log_seq: std::cell::Cell::new(0),
-                dir,
-            },
+            tools: Tools::create(dir, pgkeep, pgbackrest)?,
         };
-        // pgBackRest's log and lock directories must exist before its first command.
-        let pgbr_dirs =
-            ["pgbackrest-log", "pgbackrest-lock", "pgbackrest-spool"].map(|d| b.dir.join(d));
-        for d in [&b.sock, &b.samples, &b.logs].into_iter().chain(&pgbr_dirs) {
-            fs::create_dir_all(d)?;
-        }
         b.write_pgkeep_conf(&b.pgkeep_conf, &b.dir.join("pgkeep-repo"))?;
         b.write_pgbr_conf(&b.pgbr_conf, STANZA, &b.pgbr_repo)?;
         give_to_postgres(&b.dir)?;

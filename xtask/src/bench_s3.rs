@@ -8,7 +8,6 @@
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use crate::bench::{
     ensure_installed, warm_page_cache, warm_tree, Tools, FINGERPRINT_SQL, PUSH_SEGMENTS,
 };
 use crate::sh::{
-    append, cargo_build_release, give_to_postgres, path, pg_bin, run_checked, wait_archive_drained,
+    append, cargo_build_release, give_to_postgres, path, run_checked, wait_archive_drained,
 };
 
 const USAGE: &str = "usage: cargo xtask bench --s3 [--scale S] [--runs N] [--keep]";
@@ -307,21 +306,8 @@ impl S3Bench {
         s3s_fs: &Path,
     ) -> Result<S3Bench> {
         let dir = PathBuf::from(format!("/tmp/pgkeep-bench-s3-{}", std::process::id()));
-        fs::create_dir_all(&dir)?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
-        let bin = dir.join("pgkeep");
-        fs::copy(pgkeep, &bin).context("copying the pgkeep binary")?;
-        for d in [
-            "sock",
-            "wal-samples",
-            "logs",
-            "pgbackrest-log",
-            "pgbackrest-lock",
-            "pgbackrest-spool",
-            "tls",
-        ] {
-            fs::create_dir_all(dir.join(d))?;
-        }
+        let tools = Tools::create(dir.clone(), pgkeep, pgbackrest)?;
+        fs::create_dir_all(dir.join("tls"))?;
 
         step("TCP_NODELAY shim, private CA, s3s-fs and socat");
         let shim_c = dir.join("nodelay.c");
@@ -380,15 +366,7 @@ impl S3Bench {
             ca: tls.join("ca.pem"),
             tls_port,
             servers,
-            tools: Tools {
-                pgkeep: bin,
-                pgbackrest: pgbackrest.to_path_buf(),
-                pg_bin: pg_bin()?,
-                sock: dir.join("sock"),
-                logs: dir.join("logs"),
-                log_seq: std::cell::Cell::new(0),
-                dir,
-            },
+            tools,
         };
         b.write_pgkeep_conf(STANZA)?;
         b.write_pgbr_conf(STANZA, STANZA)?;

@@ -152,18 +152,6 @@ pub(crate) fn stored_key(label: &str, path: &str, bundle: Option<Bundled>) -> St
     }
 }
 
-/// The object at `key`, or the range `(offset, length)` of it.
-pub(crate) fn open_range(
-    storage: &dyn Storage,
-    key: &str,
-    range: Option<(u64, u64)>,
-) -> Result<Box<dyn Read + Send>, StorageError> {
-    match range {
-        Some((offset, len)) => storage.open_range(key, offset, len),
-        None => storage.open(key),
-    }
-}
-
 /// Where a stored file's compressed frame is: an object, or a range of a bundle.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct StoredAt {
@@ -175,7 +163,10 @@ pub(crate) struct StoredAt {
 impl StoredAt {
     /// The frame's bytes, to hand to a `DecompressReader`.
     pub fn open(&self, storage: &dyn Storage) -> Result<Box<dyn Read + Send>, StorageError> {
-        open_range(storage, &self.key, self.range)
+        match self.range {
+            Some((offset, len)) => storage.open_range(&self.key, offset, len),
+            None => storage.open(&self.key),
+        }
     }
 
     /// How errors and reports name it: the key, and the range for a bundled file.
@@ -185,6 +176,65 @@ impl StoredAt {
             None => self.key.clone(),
         }
     }
+}
+
+/// Frames of one bundle read front to back with one request, from the first frame wanted to the
+/// end of the last (restore and validate read a bundle's files this way). Frames must be asked
+/// for in increasing offset; the bytes between them are read past.
+pub(crate) struct BundleSpan {
+    reader: Box<dyn Read + Send>,
+    pos: u64,
+}
+
+impl BundleSpan {
+    /// The bundle at `key` from `first`'s offset to the end of `last` (both `(offset, length)`).
+    pub fn open(
+        storage: &dyn Storage,
+        key: &str,
+        first: (u64, u64),
+        last: (u64, u64),
+    ) -> Result<BundleSpan, StorageError> {
+        let end = last.0 + last.1;
+        let reader = storage.open_range(key, first.0, end.saturating_sub(first.0))?;
+        Ok(BundleSpan {
+            reader,
+            pos: first.0,
+        })
+    }
+
+    /// Hand the frame `(offset, length)` to `read`, then read past whatever it left of the frame.
+    /// An error here (frames out of order, the span ending early) leaves the span unusable;
+    /// what `read` itself returns (a frame that does not decode) does not.
+    pub fn with_frame<T>(
+        &mut self,
+        (offset, len): (u64, u64),
+        read: impl FnOnce(&mut dyn Read) -> T,
+    ) -> io::Result<T> {
+        let gap = offset.checked_sub(self.pos).ok_or_else(|| {
+            io::Error::other(format!(
+                "the frame at byte {offset} starts before the end of the one read before it"
+            ))
+        })?;
+        skip(&mut self.reader, gap)?;
+        let mut frame = (&mut self.reader).take(len);
+        let out = read(&mut frame);
+        let rest = frame.limit();
+        skip(&mut frame, rest)?;
+        self.pos = offset + len;
+        Ok(out)
+    }
+}
+
+/// Read past `n` bytes; an error if fewer are there.
+fn skip(reader: &mut dyn Read, n: u64) -> io::Result<()> {
+    let skipped = io::copy(&mut reader.take(n), &mut io::sink())?;
+    if skipped < n {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("ended {} bytes early", n - skipped),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -246,6 +296,28 @@ mod tests {
         assert_eq!(fetch(&storage, &stored_key("L", "base/1/big", None)), big);
         // Nothing but the bundles and the big file was stored.
         assert_eq!(storage.list("").unwrap().len(), ids.len() + 1);
+    }
+
+    #[test]
+    fn a_span_reads_frames_in_order_past_gaps_and_what_a_reader_left() {
+        let storage = MemoryStorage::new();
+        pgkeep_repo::put_bytes(&storage, "b", b"..AAAA..BBBB...CC").unwrap();
+        let mut span = BundleSpan::open(&storage, "b", (2, 4), (15, 2)).unwrap();
+        let take = |span: &mut BundleSpan, range, n: usize| {
+            span.with_frame(range, |r| {
+                let mut got = vec![0; n];
+                r.read_exact(&mut got).map(|()| got)
+            })
+        };
+        assert_eq!(take(&mut span, (2, 4), 4).unwrap().unwrap(), b"AAAA");
+        // A reader that stops half-way: the rest of its frame is read past.
+        assert_eq!(take(&mut span, (8, 4), 2).unwrap().unwrap(), b"BB");
+        assert_eq!(take(&mut span, (15, 2), 2).unwrap().unwrap(), b"CC");
+        let mut span = BundleSpan::open(&storage, "b", (8, 4), (8, 4)).unwrap();
+        take(&mut span, (8, 4), 0).unwrap().unwrap();
+        assert!(take(&mut span, (2, 4), 0).is_err(), "frames out of order");
+        let mut short = BundleSpan::open(&storage, "b", (15, 2), (15, 4)).unwrap();
+        assert!(take(&mut short, (15, 4), 0).is_err(), "a span ending early");
     }
 
     #[test]

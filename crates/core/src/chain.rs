@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Result};
 use pgkeep_catalog::{BackupRecord, Catalog, FileKind, FileRecord};
 use pgkeep_repo::{DecompressReader, FrameError, Storage, StorageError};
 
-use crate::bundle::{open_range, stored_key};
+use crate::bundle::{stored_key, StoredAt};
 
 use crate::delta::{DeltaError, DeltaReader};
 
@@ -27,22 +27,13 @@ pub(crate) struct Chain {
     pub block_size: u32,
 }
 
-/// One stored object of a file's content and what it must decompress to.
+/// One stored frame of a file's content (an object of its own, or a range of a bundle) and what
+/// it must decompress to.
 #[derive(Debug)]
 pub(crate) struct Layer {
-    /// The object holding it: its own, or a bundle.
-    pub key: String,
-    /// `(offset, length)` of its frame in the bundle at `key`; None for an object of its own.
-    pub range: Option<(u64, u64)>,
+    pub at: StoredAt,
     pub size: u64,
     pub crc: u32,
-}
-
-impl Layer {
-    /// The layer's compressed frame.
-    pub fn open(&self, storage: &dyn Storage) -> Result<Box<dyn Read + Send>, StorageError> {
-        open_range(storage, &self.key, self.range)
-    }
 }
 
 /// Where one file's content comes from.
@@ -121,10 +112,8 @@ impl Chain {
                 rec = self.older_file(pos, &rec.path)?;
                 continue;
             }
-            let at = stored_key(label, &rec.path, rec.bundle);
             let layer = Layer {
-                key: at.key,
-                range: at.range,
+                at: stored_key(label, &rec.path, rec.bundle),
                 size: rec.size,
                 crc: rec.crc32c.ok_or_else(|| {
                     anyhow!(
@@ -191,16 +180,16 @@ struct LayerCursor {
 
 impl ChainPages {
     pub fn open(storage: &dyn Storage, source: &Source, block_size: usize) -> Result<Self> {
-        let base = DecompressReader::new(source.base.open(storage)?, false);
+        let base = DecompressReader::new(source.base.at.open(storage)?, false);
         let layers = source
             .deltas
             .iter()
             .map(|layer| {
-                let reader = DecompressReader::new(layer.open(storage)?, false);
-                let reader =
-                    DeltaReader::new(reader, block_size).map_err(|e| delta_error(&layer.key, e))?;
+                let reader = DecompressReader::new(layer.at.open(storage)?, false);
+                let reader = DeltaReader::new(reader, block_size)
+                    .map_err(|e| delta_error(&layer.at.key, e))?;
                 Ok(LayerCursor {
-                    key: layer.key.clone(),
+                    key: layer.at.key.clone(),
                     reader,
                     at: None,
                     ended: false,
@@ -210,7 +199,7 @@ impl ChainPages {
         Ok(ChainPages {
             block_size,
             base,
-            base_key: source.base.key.clone(),
+            base_key: source.base.at.key.clone(),
             base_left: source.base.size,
             next: 0,
             layers,
@@ -363,9 +352,9 @@ mod tests {
             ("I2", file("I1", true, 40)),
         ]);
         let s = c.source(&file("I3", true, 50)).unwrap();
-        assert_eq!(s.base.key, keys::backup_file("F", "base/5/16384"));
+        assert_eq!(s.base.at.key, keys::backup_file("F", "base/5/16384"));
         assert_eq!(s.base.size, 100_000);
-        let deltas: Vec<_> = s.deltas.iter().map(|d| d.key.clone()).collect();
+        let deltas: Vec<_> = s.deltas.iter().map(|d| d.at.key.clone()).collect();
         assert_eq!(
             deltas,
             [

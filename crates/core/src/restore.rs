@@ -28,7 +28,8 @@ use pgkeep_repo::{
 use sha2::{Digest as _, Sha256};
 
 use crate::backup::{file_size, needed_segments, BACKUP_LABEL, TABLESPACE_MAP};
-use crate::chain::{delta_error, Chain, Layer};
+use crate::bundle::BundleSpan;
+use crate::chain::{delta_error, Chain, Layer, Source};
 use crate::config::Config;
 use crate::delta::DeltaReader;
 use crate::entries::{check_entries, tablespace_oid};
@@ -252,7 +253,7 @@ pub fn restore(
     };
     let work = group_bundled(&chain, todo)?;
     let results: Vec<Written> = parallel::for_each(&work, jobs, |w, buf| match w {
-        Work::File(f) => Ok(vec![writer.write(f, &pgdata.join(&f.path), buf)?]),
+        Work::File(f, source) => Ok(vec![writer.write(f, source, &pgdata.join(&f.path), buf)?]),
         Work::Bundle(b) => writer.write_bundled(b, pgdata, buf),
     })?
     .into_iter()
@@ -478,7 +479,11 @@ fn write_control_file(writer: &FileWriter, f: &FileRecord, pgdata: &Path) -> Res
     let dest = pgdata.join(CONTROL_FILE);
     let temp = pgdata.join("global/pg_control.pgkeep-restore");
     let mut buf = vec![0u8; parallel::BUF_SIZE];
-    let written = writer.write(f, &temp, &mut buf)?;
+    let source = writer
+        .chain
+        .source(f)
+        .with_context(|| restoring(f, writer.chain))?;
+    let written = writer.write(f, &source, &temp, &mut buf)?;
     File::open(&temp)
         .and_then(|file| file.sync_all())
         .with_context(|| format!("syncing {}", temp.display()))?;
@@ -685,7 +690,7 @@ enum Written {
 /// What one restore worker takes at a time: a file, or the files whose whole content lies in
 /// one bundle, read with one request from the first one's frame to the last one's end.
 enum Work<'f> {
-    File(&'f FileRecord),
+    File(&'f FileRecord, Source),
     Bundle(BundleWork<'f>),
 }
 
@@ -701,22 +706,25 @@ fn group_bundled<'f>(chain: &Chain, todo: Vec<&'f FileRecord>) -> Result<Vec<Wor
     let mut work = Vec::with_capacity(todo.len());
     let mut bundles: BTreeMap<String, Vec<(&FileRecord, Layer)>> = BTreeMap::new();
     for f in todo {
-        let source = chain
-            .source(f)
-            .with_context(|| format!("restoring {} from backup {}", f.path, chain.label()))?;
-        match source.base.range {
+        let source = chain.source(f).with_context(|| restoring(f, chain))?;
+        match source.base.at.range {
             Some(_) if source.deltas.is_empty() => bundles
-                .entry(source.base.key.clone())
+                .entry(source.base.at.key.clone())
                 .or_default()
                 .push((f, source.base)),
-            _ => work.push(Work::File(f)),
+            _ => work.push(Work::File(f, source)),
         }
     }
     for (key, mut files) in bundles {
-        files.sort_by_key(|(_, layer)| layer.range.map(|(offset, _)| offset));
+        files.sort_by_key(|(_, layer)| layer.at.range);
         work.push(Work::Bundle(BundleWork { key, files }));
     }
     Ok(work)
+}
+
+/// Context of an error restoring `f`.
+fn restoring(f: &FileRecord, chain: &Chain) -> String {
+    format!("restoring {} from backup {}", f.path, chain.label())
 }
 
 struct FileWriter<'a> {
@@ -738,16 +746,20 @@ const PARALLEL_BASE: u64 = 8 << 20;
 impl FileWriter<'_> {
     /// Write the file `f` describes at `dest` (its place under the data directory, or a
     /// temporary name for pg_control).
-    fn write(&self, f: &FileRecord, dest: &Path, buf: &mut [u8]) -> Result<Written> {
+    fn write(
+        &self,
+        f: &FileRecord,
+        source: &Source,
+        dest: &Path,
+        buf: &mut [u8],
+    ) -> Result<Written> {
         let len = file_size(f, self.chain.block_size);
         if self.delta && same_content(dest, f, len, buf)? {
             set_attributes(dest, f)?;
             self.progress.advance(len);
             return Ok(Written::Kept);
         }
-        let label = self.chain.label();
-        let context = || format!("restoring {} from backup {label}", f.path);
-        let source = self.chain.source(f).with_context(context)?;
+        let context = || restoring(f, self.chain);
         let mut file = create_file(dest)?;
         let short = self
             .write_base(&source.base, &mut file, len)
@@ -793,42 +805,30 @@ impl FileWriter<'_> {
         pgdata: &Path,
         buf: &mut [u8],
     ) -> Result<Vec<Written>> {
-        let span = |layer: &Layer| layer.range.unwrap_or_default();
+        let range = |layer: &Layer| layer.at.range.unwrap_or_default();
         let (Some((_, first)), Some((_, last))) = (b.files.first(), b.files.last()) else {
             return Ok(Vec::new());
         };
-        let start = span(first).0;
-        let end = span(last).0 + span(last).1;
-        let storage = self.repo.storage();
-        let mut stream = storage.open_range(&b.key, start, end - start)?;
-        let mut pos = start;
+        let mut span = BundleSpan::open(self.repo.storage(), &b.key, range(first), range(last))?;
         let mut written = Vec::with_capacity(b.files.len());
         for (f, layer) in &b.files {
-            let (offset, length) = span(layer);
-            let context = || format!("restoring {} from backup {}", f.path, self.chain.label());
-            let skip = offset.checked_sub(pos).ok_or_else(|| {
-                anyhow!(
-                    "{} overlaps the frame before it in {}: the catalog is damaged",
-                    f.path,
-                    b.key
-                )
-            })?;
-            skip_bytes(&mut stream, skip, &b.key).with_context(context)?;
+            let context = || restoring(f, self.chain);
             let dest = pgdata.join(&f.path);
             let len = file_size(f, self.chain.block_size);
-            if self.delta && same_content(&dest, f, len, buf)? {
-                skip_bytes(&mut stream, length, &b.key).with_context(context)?;
+            let kept = self.delta && same_content(&dest, f, len, buf)?;
+            let outcome = span
+                .with_frame(range(layer), |frame| match kept {
+                    true => Ok(Written::Kept),
+                    false => self.write_frame(f, &dest, layer, frame),
+                })
+                .with_context(|| format!("reading {}", layer.at.name()))
+                .with_context(context)?
+                .with_context(context)?;
+            if kept {
                 set_attributes(&dest, f)?;
                 self.progress.advance(len);
-                written.push(Written::Kept);
-            } else {
-                let frame = (&mut stream).take(length);
-                written.push(
-                    self.write_frame(f, &dest, layer, frame)
-                        .with_context(context)?,
-                );
             }
-            pos = offset + length;
+            written.push(outcome);
         }
         Ok(written)
     }
@@ -839,7 +839,7 @@ impl FileWriter<'_> {
         f: &FileRecord,
         dest: &Path,
         layer: &Layer,
-        frame: impl Read,
+        frame: &mut dyn Read,
     ) -> Result<Written> {
         let len = file_size(f, self.chain.block_size);
         let mut file = create_file(dest)?;
@@ -850,7 +850,7 @@ impl FileWriter<'_> {
         };
         decompress_into(
             frame,
-            &layer.key,
+            &layer.at.key,
             &mut out,
             Some((layer.size, layer.crc)),
             false,
@@ -864,10 +864,17 @@ impl FileWriter<'_> {
     fn write_base(&self, base: &Layer, file: &mut File, len: u64) -> Result<u64, StorageError> {
         let storage = self.repo.storage();
         let expect = (base.size, base.crc);
-        if self.jobs > 1 && base.size >= PARALLEL_BASE && base.range.is_none() {
+        if self.jobs > 1 && base.size >= PARALLEL_BASE && base.at.range.is_none() {
             let on_bytes = |n| self.progress.advance(n);
-            let digest =
-                fetch_decompressed_at(storage, &base.key, file, len, expect, self.jobs, &on_bytes)?;
+            let digest = fetch_decompressed_at(
+                storage,
+                &base.at.key,
+                file,
+                len,
+                expect,
+                self.jobs,
+                &on_bytes,
+            )?;
             return Ok(len.saturating_sub(digest.size));
         }
         let mut out = CappedWriter {
@@ -876,8 +883,8 @@ impl FileWriter<'_> {
             progress: self.progress,
         };
         decompress_into(
-            base.open(storage)?,
-            &base.key,
+            base.at.open(storage)?,
+            &base.at.key,
             &mut out,
             Some(expect),
             false,
@@ -901,20 +908,6 @@ fn create_file(dest: &Path) -> Result<File> {
         .with_context(|| format!("creating {}", dest.display()))
 }
 
-/// Read past `n` bytes of a bundle being read.
-fn skip_bytes(stream: &mut dyn Read, n: u64, key: &str) -> Result<()> {
-    let skipped = std::io::copy(&mut stream.take(n), &mut std::io::sink())
-        .with_context(|| format!("reading {key}"))?;
-    if skipped < n {
-        return Err(StorageError::Corrupt {
-            key: key.to_string(),
-            detail: format!("ended {} bytes early", n - skipped),
-        }
-        .into());
-    }
-    Ok(())
-}
-
 /// Lay the pages of one page delta over `file`, skipping pages at or past `len` (the file
 /// shrank later in the chain), and check the delta's length and CRC-32C. A based page is
 /// decoded against the block as the older layers left it in `file`. `page` and `base` are
@@ -927,8 +920,8 @@ fn apply_delta(
     page: &mut [u8],
     base: &mut [u8],
 ) -> Result<()> {
-    let key = &layer.key;
-    let reader = DecompressReader::new(layer.open(repo.storage())?, false);
+    let key = &layer.at.key;
+    let reader = DecompressReader::new(layer.at.open(repo.storage())?, false);
     let mut delta = DeltaReader::new(reader, page.len()).map_err(|e| delta_error(key, e))?;
     let bs = page.len() as u64;
     while let Some(block) = delta.next_block().map_err(|e| delta_error(key, e))? {

@@ -18,7 +18,7 @@ use pgkeep_pg::{Lsn, TimelineId, WalFileName, WalSegSize};
 use pgkeep_repo::{decompress_into, get_bytes, keys, StorageError};
 
 use crate::backup::{needed_segments, BACKUP_INI, BACKUP_LABEL, MANIFEST};
-use crate::bundle::{stored_key, StoredAt};
+use crate::bundle::{stored_key, BundleSpan, StoredAt};
 use crate::config::Config;
 use crate::parallel;
 use crate::progress::Progress;
@@ -575,22 +575,35 @@ impl Checks {
         progress.start("validating", Some(total));
         let storage = repo.storage();
         let verdicts = parallel::for_each(&units, jobs, |unit, _buf| {
-            let mut stream = BundleStream::open(storage, unit);
+            // A bundle's files from one ranged read; after anything goes wrong with the read
+            // itself, each later file with a request of its own, so one damaged frame is that
+            // file's problem alone.
+            let mut span = match (unit.first(), unit.last()) {
+                (Some(first), Some(last)) if unit.len() > 1 => first
+                    .at
+                    .range
+                    .zip(last.at.range)
+                    .and_then(|(a, b)| BundleSpan::open(storage, &first.at.key, a, b).ok()),
+                _ => None,
+            };
             Ok(unit
                 .iter()
                 .map(|c| {
                     let expect = c.size.zip(c.crc32c);
-                    let fetched = match stream.as_mut().and_then(|s| s.frame(c)) {
-                        Some(frame) => {
-                            decompress_into(frame, &c.at.key, &mut io::sink(), expect, false)
-                        }
-                        None => c.at.open(storage).and_then(|object| {
-                            decompress_into(object, &c.at.key, &mut io::sink(), expect, false)
-                        }),
+                    let check = |frame: &mut dyn Read| {
+                        decompress_into(frame, &c.at.key, &mut io::sink(), expect, false)
                     };
-                    if let Some(s) = stream.as_mut() {
-                        s.end_frame(c);
+                    let from_span = match (span.as_mut(), c.at.range) {
+                        (Some(s), Some(range)) => s.with_frame(range, check).ok(),
+                        _ => None,
+                    };
+                    if from_span.is_none() {
+                        span = None;
                     }
+                    let fetched = match from_span {
+                        Some(fetched) => fetched,
+                        None => c.at.open(storage).and_then(|mut o| check(&mut o)),
+                    };
                     let verdict = match fetched {
                         Ok(d) if c.crc32c.is_some_and(|crc| crc != d.crc32c) => Some(format!(
                             "damaged: expected crc32c {:08x}, found {:08x}",
@@ -616,59 +629,6 @@ impl Checks {
             .filter(|c| matches!(verdicts.get(&c.key), Some(None)))
             .map(|c| c.weight)
             .sum()
-    }
-}
-
-/// The files of one bundle read front to back from one ranged read, from the first one's
-/// frame to the end of the last one's. After anything goes wrong in the stream (a frame that
-/// does not decode to its end, a read error) it is dropped and each later file is read with a
-/// request of its own, so one damaged frame is reported as that file alone.
-struct BundleStream {
-    reader: Option<Box<dyn io::Read + Send>>,
-    pos: u64,
-    frame: Option<io::Take<Box<dyn io::Read + Send>>>,
-}
-
-impl BundleStream {
-    fn open(storage: &dyn pgkeep_repo::Storage, unit: &[&Check]) -> Option<BundleStream> {
-        let (first, last) = (unit.first()?, unit.last()?);
-        let (start, _) = first.at.range?;
-        let (last_offset, last_len) = last.at.range?;
-        if unit.len() < 2 {
-            return None;
-        }
-        let reader = storage
-            .open_range(&first.at.key, start, last_offset + last_len - start)
-            .ok()?;
-        Some(BundleStream {
-            reader: Some(reader),
-            pos: start,
-            frame: None,
-        })
-    }
-
-    /// The frame of `c`, the bytes before it read past; None once the stream is dropped.
-    fn frame(&mut self, c: &Check) -> Option<&mut io::Take<Box<dyn io::Read + Send>>> {
-        let (offset, len) = c.at.range?;
-        let mut reader = self.reader.take()?;
-        let gap = offset.checked_sub(self.pos)?;
-        if io::copy(&mut (&mut reader).take(gap), &mut io::sink()).ok()? != gap {
-            return None;
-        }
-        self.frame = Some(reader.take(len));
-        self.frame.as_mut()
-    }
-
-    /// Read to the end of `c`'s frame, whatever its decoder left, and go on from there.
-    fn end_frame(&mut self, c: &Check) {
-        let (Some(mut frame), Some((offset, len))) = (self.frame.take(), c.at.range) else {
-            return;
-        };
-        let rest = frame.limit();
-        if io::copy(&mut frame, &mut io::sink()).ok() == Some(rest) {
-            self.reader = Some(frame.into_inner());
-            self.pos = offset + len;
-        }
     }
 }
 

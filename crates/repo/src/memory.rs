@@ -41,21 +41,6 @@ impl Storage for MemoryStorage {
         }
     }
 
-    fn open_range(&self, key: &str, offset: u64, len: u64) -> Result<Box<dyn Read + Send>> {
-        let mut whole = self.open(key)?;
-        let mut bytes = Vec::new();
-        whole
-            .read_to_end(&mut bytes)
-            .map_err(|e| StorageError::io(key, e))?;
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(bytes.len());
-        let end = usize::try_from(offset.saturating_add(len))
-            .unwrap_or(usize::MAX)
-            .min(bytes.len());
-        Ok(Box::new(Cursor::new(bytes[start..end].to_vec())))
-    }
-
     fn size(&self, key: &str) -> Result<Option<u64>> {
         key::check(key)?;
         Ok(lock(&self.objects).get(key).map(|b| b.len() as u64))

@@ -503,28 +503,24 @@ impl S3Pending {
     /// multipart upload if needed. Waits first for a part permit (at most [`PARTS_IN_FLIGHT`]
     /// parts of this storage are in flight at once), so memory stays bounded.
     fn send_part(&mut self) -> Result<()> {
-        let part = std::mem::take(&mut self.buf);
+        let part = Bytes::from(std::mem::take(&mut self.buf));
         self.send(part)
     }
 
     /// The single PUT's buffer is full: the object becomes a multipart upload, the buffer's
     /// whole parts sent, the rest kept to fill the next part.
     fn start_parts(&mut self) -> Result<()> {
-        let whole = std::mem::take(&mut self.buf);
-        let mut parts = whole.chunks(PART_SIZE);
-        let rest = match whole.len() % PART_SIZE {
-            0 => &[][..],
-            _ => parts.next_back().unwrap_or_default(),
-        };
-        for part in parts {
-            self.send(part.to_vec())?;
+        let whole = Bytes::from(std::mem::take(&mut self.buf));
+        let sent = whole.len() - whole.len() % PART_SIZE;
+        for start in (0..sent).step_by(PART_SIZE) {
+            self.send(whole.slice(start..start + PART_SIZE))?;
         }
         self.buf = Vec::with_capacity(PART_SIZE);
-        self.buf.extend_from_slice(rest);
+        self.buf.extend_from_slice(&whole[sent..]);
         Ok(())
     }
 
-    fn send(&mut self, part: Vec<u8>) -> Result<()> {
+    fn send(&mut self, part: Bytes) -> Result<()> {
         let inner = Arc::clone(&self.inner);
         if self.upload.is_none() {
             let started = inner.block_on(inner.store.put_multipart(&self.path));
