@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use pgkeep_catalog::{BackupRecord, FileKind, FileRecord};
 use pgkeep_pg::{ControlFile, Lsn, TimelineId};
 use pgkeep_repo::{
-    decompress_into, fetch_decompressed_at, get_bytes, keys, syncfs_reports_errors,
+    decompress_into, fetch_decompressed_at, get_bytes, keys, open_direct, syncfs_reports_errors,
     DecompressReader, FsSync, StorageError,
 };
 use sha2::{Digest as _, Sha256};
@@ -762,7 +762,7 @@ impl FileWriter<'_> {
         let context = || restoring(f, self.chain);
         let mut file = create_file(dest)?;
         let short = self
-            .write_base(&source.base, &mut file, len)
+            .write_base(&source.base, &mut file, dest, len)
             .with_context(context)?;
         if !source.deltas.is_empty() {
             let bs = self.chain.block_size as usize;
@@ -861,15 +861,24 @@ impl FileWriter<'_> {
 
     /// Writes the head of `file` from its whole copy, at most `len` bytes, and returns how many
     /// of the `len` bytes it left for the page deltas (the file grew later in the chain).
-    fn write_base(&self, base: &Layer, file: &mut File, len: u64) -> Result<u64, StorageError> {
+    fn write_base(
+        &self,
+        base: &Layer,
+        file: &mut File,
+        dest: &Path,
+        len: u64,
+    ) -> Result<u64, StorageError> {
         let storage = self.repo.storage();
         let expect = (base.size, base.crc);
         if self.jobs > 1 && base.size >= PARALLEL_BASE && base.at.range.is_none() {
             let on_bytes = |n| self.progress.advance(n);
+            // Past the page cache: see `open_direct`.
+            let direct = open_direct(dest);
             let digest = fetch_decompressed_at(
                 storage,
                 &base.at.key,
                 file,
+                direct.as_ref(),
                 len,
                 expect,
                 self.jobs,

@@ -22,7 +22,7 @@ mod stream;
 mod transfer;
 
 pub use durable::{syncfs_reports_errors, FsSync};
-pub use local::{start_writeback, LocalStorage, SyncMethod};
+pub use local::{open_direct, start_writeback, LocalStorage, SyncMethod};
 pub use memory::MemoryStorage;
 pub use s3::{S3Config, S3Storage};
 pub use stream::{CompressWriter, DecompressReader, Digest, FrameError, BLOCK_SIZE};

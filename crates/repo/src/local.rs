@@ -525,6 +525,24 @@ pub fn start_writeback(file: &File) {
 #[cfg(not(target_os = "linux"))]
 pub fn start_writeback(_file: &File) {}
 
+/// A second descriptor of the file at `path`, already created, whose writes bypass the page
+/// cache (`O_DIRECT`); `None` where the filesystem refuses such writes. A restore writes data
+/// nothing reads back soon: through the page cache each byte is copied once more, fills memory
+/// the kernel must then write back and reclaim, and evicts what the host was caching.
+#[cfg(target_os = "linux")]
+pub fn open_direct(path: &Path) -> Option<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
+        .open(path)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn open_direct(_path: &Path) -> Option<File> {
+    None
+}
+
 /// A panic elsewhere while holding the lock leaves at worst a key recorded twice, so a poisoned
 /// lock is still safe to use.
 fn lock(keys: &Mutex<Vec<String>>) -> MutexGuard<'_, Vec<String>> {

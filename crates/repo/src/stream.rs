@@ -405,6 +405,12 @@ impl<R: Read> FrameBlocks<R> {
     }
 }
 
+/// Decompresses one compressed block into `out`, which must be long enough for its raw bytes,
+/// and returns how many it holds.
+pub(crate) fn decode_block_into(packed: &[u8], out: &mut [u8]) -> Result<usize, FrameError> {
+    decompress_into(packed, out).map_err(|e| FrameError::BadBlock(e.to_string()))
+}
+
 /// Decompresses one compressed block of a frame whose blocks hold at most `max_block` raw bytes
 /// into the front of `raw` (grown as needed) and returns how many bytes it holds.
 pub(crate) fn decode_block(

@@ -20,7 +20,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::stream::{decode_block, encode_block, FrameBlocks, WAL_ACCELERATION};
+use crate::stream::{decode_block_into, encode_block, FrameBlocks, WAL_ACCELERATION};
 use crate::{
     Commit, CompressWriter, DecompressReader, Digest, FrameError, PendingObject, Result, Storage,
     StorageError, StoredObject, BLOCK_SIZE,
@@ -108,12 +108,18 @@ pub fn decompress_into<R: Read>(
 /// checked): a file that shrank keeps only the head of an older copy. `on_bytes` hears of every
 /// run of bytes written, from any of those threads. `dst` should be empty.
 ///
+/// Whole aligned blocks go through `direct` instead when given: a descriptor of the same file
+/// opened with `O_DIRECT` (see [`crate::open_direct`]); should the filesystem refuse such a
+/// write, that block and the rest go through `dst`.
+///
 /// A frame whose blocks do not all hold the frame's block size but the last (not one we wrote)
 /// is fetched again one block after another, over an emptied `dst`; the result is the same.
+#[allow(clippy::too_many_arguments)]
 pub fn fetch_decompressed_at(
     storage: &dyn Storage,
     key: &str,
     dst: &File,
+    direct: Option<&File>,
     cap: u64,
     expect: (u64, u32),
     threads: usize,
@@ -123,6 +129,8 @@ pub fn fetch_decompressed_at(
     let out = Placer {
         key,
         dst,
+        direct,
+        direct_ok: AtomicBool::new(true),
         cap,
         on_bytes,
         reported: &reported,
@@ -499,6 +507,10 @@ fn fill(key: &str, src: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
 struct Placer<'a> {
     key: &'a str,
     dst: &'a File,
+    /// The same file opened with `O_DIRECT`, for blocks aligned to `DIRECT_ALIGN`.
+    direct: Option<&'a File>,
+    /// Cleared when the filesystem refused a direct write: the rest go through `dst`.
+    direct_ok: AtomicBool,
     cap: u64,
     on_bytes: &'a (dyn Fn(u64) + Sync),
     /// Bytes `on_bytes` was told of, so that a fallback does not tell of them twice.
@@ -511,6 +523,20 @@ struct Placer<'a> {
 
 /// How many bytes `Placer` writes between starting the writeback of its file.
 const WRITEBACK_EVERY: u64 = 16 << 20;
+
+/// Alignment of the memory, offset and length of a write that bypasses the page cache: the
+/// largest logical block size of common disks.
+const DIRECT_ALIGN: usize = 4096;
+
+/// The first `len` bytes of `buf` that start at a multiple of `DIRECT_ALIGN` in memory, `buf`
+/// grown so they fit.
+fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len + DIRECT_ALIGN {
+        buf.resize(len + DIRECT_ALIGN, 0);
+    }
+    let skip = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    &mut buf[skip..skip + len]
+}
 
 /// One block as stored, on its way to a decoding thread: `buf[..len]`, block number `index`.
 struct Packed {
@@ -660,10 +686,14 @@ fn decode_blocks(
 impl Placer<'_> {
     fn place(&self, job: Packed, max_block: usize, raw: &mut Vec<u8>) -> Result<Decoded> {
         let packed = &job.buf[..job.len];
-        let bytes = if job.compressed {
-            let n = decode_block(packed, raw, max_block)
-                .map_err(|e| corrupt(self.key, e.to_string()))?;
-            &raw[..n]
+        let out = aligned(raw, max_block);
+        let bytes: &[u8] = if job.compressed {
+            let n = decode_block_into(packed, out).map_err(|e| corrupt(self.key, e.to_string()))?;
+            &out[..n]
+        } else if self.direct.is_some() && packed.len() <= out.len() {
+            // Copied to aligned memory, which a direct write needs.
+            out[..packed.len()].copy_from_slice(packed);
+            &out[..packed.len()]
         } else {
             packed
         };
@@ -675,8 +705,7 @@ impl Placer<'_> {
         if take > 0 {
             let before = {
                 let _turn = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-                self.dst
-                    .write_all_at(&bytes[..take], at)
+                self.put(&bytes[..take], at)
                     .map_err(|e| destination(self.key, e))?;
                 self.reported.fetch_add(take as u64, Ordering::Relaxed)
             };
@@ -692,6 +721,26 @@ impl Placer<'_> {
             crc: crc32c::crc32c(bytes),
             buf: job.buf,
         })
+    }
+
+    /// Write `bytes` at `at`, past the page cache when they are aligned for it.
+    fn put(&self, bytes: &[u8], at: u64) -> io::Result<()> {
+        let aligned = at % DIRECT_ALIGN as u64 == 0
+            && bytes.len() % DIRECT_ALIGN == 0
+            && (bytes.as_ptr() as usize) % DIRECT_ALIGN == 0;
+        if let Some(direct) = self.direct.filter(|_| aligned) {
+            if self.direct_ok.load(Ordering::Relaxed) {
+                match direct.write_all_at(bytes, at) {
+                    Ok(()) => return Ok(()),
+                    // The filesystem takes O_DIRECT opens but not these writes.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        self.direct_ok.store(false, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.dst.write_all_at(bytes, at)
     }
 }
 

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 
 use pgkeep_repo::{
-    fetch_decompressed, fetch_decompressed_at, get_bytes, put_bytes, store_compressed, Commit,
-    CompressWriter, Digest, LocalStorage, MemoryStorage, Storage, StorageError, BLOCK_SIZE,
+    fetch_decompressed, fetch_decompressed_at, get_bytes, open_direct, put_bytes, store_compressed,
+    Commit, CompressWriter, Digest, LocalStorage, MemoryStorage, Storage, StorageError, BLOCK_SIZE,
 };
 
 /// Runs `test` on a fresh local repository (in a temp dir) and a fresh memory one.
@@ -656,15 +656,16 @@ fn parallel_fetch_tells_destination_errors_apart() {
         std::fs::write(&path, b"").unwrap();
         let file = File::open(&path).unwrap();
         let expect = (stored.digest.size, stored.digest.crc32c);
-        let err =
-            fetch_decompressed_at(s, "p/obj.lz4", &file, u64::MAX, expect, 2, &|_| {}).unwrap_err();
+        let err = fetch_decompressed_at(s, "p/obj.lz4", &file, None, u64::MAX, expect, 2, &|_| {})
+            .unwrap_err();
         assert!(matches!(err, StorageError::Destination { .. }), "{err:?}");
         assert_eq!(err.key(), "p/obj.lz4");
     });
 }
 
-/// Runs `fetch_decompressed_at` into a new file: what the file then holds, the result, and the
-/// bytes reported written.
+/// Runs `fetch_decompressed_at` into a new file, through the page cache and again past it
+/// (`O_DIRECT`, where the temporary directory's filesystem takes it), checks both come to the
+/// same, and returns what the file then holds, the result, and the bytes reported written.
 fn fetch_at(
     s: &dyn Storage,
     key: &str,
@@ -672,14 +673,45 @@ fn fetch_at(
     expect: (u64, u32),
     threads: usize,
 ) -> (Vec<u8>, pgkeep_repo::Result<Digest>, u64) {
+    let buffered = fetch_into(s, key, cap, expect, threads, false);
+    let direct = fetch_into(s, key, cap, expect, threads, true);
+    let case = format!("{key} cap {cap} threads {threads}");
+    assert_eq!(buffered.1.is_ok(), direct.1.is_ok(), "{case}");
+    // After a failure what was written depends on which thread got how far.
+    if let (Ok(b), Ok(d)) = (&buffered.1, &direct.1) {
+        assert!(buffered.0 == direct.0, "{case}: direct writes differ");
+        assert_eq!((b.size, b.crc32c), (d.size, d.crc32c), "{case}");
+        assert_eq!(buffered.2, direct.2, "{case}");
+    }
+    direct
+}
+
+fn fetch_into(
+    s: &dyn Storage,
+    key: &str,
+    cap: u64,
+    expect: (u64, u32),
+    threads: usize,
+    direct: bool,
+) -> (Vec<u8>, pgkeep_repo::Result<Digest>, u64) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("out");
     let file = File::create(&path).expect("output file");
+    let direct = direct.then(|| open_direct(&path)).flatten();
     let reported = AtomicU64::new(0);
     let on_bytes = |n| {
         reported.fetch_add(n, Ordering::Relaxed);
     };
-    let result = fetch_decompressed_at(s, key, &file, cap, expect, threads, &on_bytes);
+    let result = fetch_decompressed_at(
+        s,
+        key,
+        &file,
+        direct.as_ref(),
+        cap,
+        expect,
+        threads,
+        &on_bytes,
+    );
     let out = std::fs::read(&path).expect("reading the output file");
     (out, result, reported.into_inner())
 }
