@@ -1,6 +1,6 @@
 //! Repositories in a bucket of a real S3-compatible server (s3s-fs on loopback, data on disk):
 //! the round trips of a local repository, the catalog rebuilt from the bucket alone, write-once
-//! objects, big objects in parallel parts and ranged reads, https with a private CA, and
+//! objects, big objects in parallel pieces and ranged reads, https with a private CA, and
 //! one-line errors for what users get wrong.
 
 use std::fs;
@@ -42,6 +42,32 @@ fn names(dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
+}
+
+/// The bytes of the object at `key` as the server keeps them: the file at the key, or, where
+/// that is the head of a pieced object, its pieces one after another (and how many there are).
+fn stored(s3: &S3Server, key: &str) -> (Vec<u8>, usize) {
+    let head = fs::read(object(s3, key)).unwrap();
+    let Some(text) = head.strip_prefix(b"pgkeep-pieces 1\n") else {
+        return (head, 0);
+    };
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let dir = object(s3, &format!("{key}.pgkeep-pieces/{}", field("writer ")));
+    let pieces = names(&dir);
+    assert_eq!(pieces.len().to_string(), field("pieces "), "{text}");
+    let mut bytes = Vec::new();
+    for piece in &pieces {
+        bytes.extend(fs::read(dir.join(piece)).unwrap());
+    }
+    assert_eq!(bytes.len().to_string(), field("size "), "{text}");
+    (bytes, pieces.len())
 }
 
 fn remove_catalog(cluster: &Cluster) {
@@ -329,14 +355,14 @@ fn s3_storage(s3: &S3Server) -> S3Storage {
 }
 
 #[test]
-fn s3_a_big_object_goes_up_in_parallel_parts_and_comes_back_in_ranged_reads_across_a_restart() {
+fn s3_a_big_object_goes_up_in_parallel_pieces_and_comes_back_in_ranged_reads_across_a_restart() {
     let Some(mut s3) = S3Server::start() else {
         return;
     };
     s3.create_bucket(BUCKET);
     let storage = s3_storage(&s3);
-    // 110 MiB: 14 parts of 8 MiB (the last one short), four going up at once, then the first 4 MiB
-    // of the GET's body and 27 ranged GETs of 4 MiB coming back.
+    // 110 MiB: 14 pieces of 8 MiB (the last one short), four going up at once, then 28 ranged
+    // GETs of 4 MiB coming back.
     let data = noise(110 << 20, 0x9e37_79b9_7f4a_7c15);
     let mut pending = storage.create("big/object").unwrap();
     for piece in data.chunks(3 << 20) {
@@ -344,10 +370,22 @@ fn s3_a_big_object_goes_up_in_parallel_parts_and_comes_back_in_ranged_reads_acro
     }
     pending.commit_new().unwrap();
     assert_eq!(storage.size("big/object").unwrap(), Some(data.len() as u64));
+    let (on_disk, pieces) = stored(&s3, "big/object");
+    assert_eq!(pieces, 14);
+    assert_same(&on_disk, &data, "on disk");
+    // Pieces are no keys of their own.
+    assert_eq!(storage.list("big").unwrap(), vec!["big/object".to_owned()]);
+    let mut middle = Vec::new();
+    let at = (8 << 20) - 1000;
+    storage
+        .open_range("big/object", at, 5 << 20)
+        .unwrap()
+        .read_to_end(&mut middle)
+        .unwrap();
     assert_same(
-        &fs::read(object(&s3, "big/object")).unwrap(),
-        &data,
-        "on disk",
+        &middle,
+        &data[at as usize..at as usize + (5 << 20)],
+        "a range across pieces",
     );
     let mut back = Vec::new();
     storage
@@ -387,6 +425,11 @@ fn s3_a_big_object_goes_up_in_parallel_parts_and_comes_back_in_ranged_reads_acro
         "{refused:?}"
     );
     assert_eq!(storage.size("big/object").unwrap(), Some(data.len() as u64));
+    assert_same(&stored(&s3, "big/object").0, &data, "kept");
+    // The refused writer's pieces are gone, and deleting the object takes its pieces along.
+    assert_eq!(objects_under(&object(&s3, "big")).len(), 1 + 14);
+    storage.delete("big/object").unwrap();
+    assert_eq!(objects_under(&object(&s3, "big")), Vec::<String>::new());
 }
 
 #[test]
@@ -416,11 +459,13 @@ fn s3_server_stopped_mid_upload_leaves_no_object_under_the_final_name() {
     assert!(committed.is_err(), "{committed:?}");
     assert_eq!(storage.size("big/cut").unwrap(), None);
     assert!(!object(&s3, "big/cut").exists());
+    // The pieces that went up before are deleted with the failed upload.
+    assert_eq!(objects_under(&object(&s3, "big")), Vec::<String>::new());
     // Nothing stuck: the key can be written now.
     let mut pending = storage.create("big/cut").unwrap();
     pending.write_all(&data).unwrap();
     pending.commit_new().unwrap();
-    assert_same(&fs::read(object(&s3, "big/cut")).unwrap(), &data, "on disk");
+    assert_same(&stored(&s3, "big/cut").0, &data, "on disk");
 }
 
 #[test]

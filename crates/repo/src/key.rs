@@ -5,14 +5,23 @@ use crate::{Result, StorageError};
 /// Marker in the names of temporary files: `.<name>.pgkeep-tmp.<pid>.<n>`.
 const TEMP_MARKER: &str = ".pgkeep-tmp";
 
+/// Suffix of the "directory" holding the pieces of a big object in an object store:
+/// `<key>.pgkeep-pieces/<writer>/<n>` (see `s3`).
+pub(crate) const PIECES_MARKER: &str = ".pgkeep-pieces";
+
 /// Accepts a key: relative, '/'-separated, no empty, "." or ".." components, no NUL, and no
-/// component that looks like one of our temporary files (it would be invisible to `list`).
+/// component that looks like one of our temporary files or piece directories (they would be
+/// invisible to `list`).
 pub(crate) fn check(key: &str) -> Result<()> {
     let ok = !key.is_empty()
         && !key.contains('\0')
-        && key
-            .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != ".." && !is_temp_name(c));
+        && key.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && !is_temp_name(c)
+                && !c.ends_with(PIECES_MARKER)
+        });
     if ok {
         Ok(())
     } else {
@@ -90,6 +99,7 @@ mod tests {
             "a/.",
             "a\0b",
             "a/.b.pgkeep-tmp.1.2",
+            "a/b.lz4.pgkeep-pieces/1-2/0",
         ] {
             assert!(
                 matches!(check(bad), Err(StorageError::InvalidKey { .. })),

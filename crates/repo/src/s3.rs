@@ -4,20 +4,32 @@
 //! tokio runtime and blocks on it (`Runtime::block_on` may be called from many threads at once,
 //! as backup and restore workers do). A PUT is durable when it returns; `commit_unsynced` (the
 //! many files of a backup) leaves its PUT in flight in a background task and `sync` waits for
-//! them all. A pending object is buffered in memory up to [`SINGLE_PUT_MAX`] and sent as one PUT,
-//! or, once bigger, as a multipart upload of [`PART_SIZE`] parts sent in parallel ([`PARTS_IN_FLIGHT`]),
-//! so memory per upload stays bounded whatever the object's size; big objects are read back in
-//! parallel ranged GETs ([`S3Reader`]). Over https the payload is not hashed into the request's
+//! them all. A pending object is buffered in memory up to [`SINGLE_PUT_MAX`] and sent as one PUT.
+//!
+//! A bigger object is stored in pieces: objects of [`PIECE_SIZE`] at
+//! `<key>.pgkeep-pieces/<writer>/<n>`, each one PUT sent while the writer fills the next
+//! ([`PIECES_IN_FLIGHT`] per storage), so memory stays bounded whatever the object's size. Once
+//! every piece is stored, a small head object at `<key>` names them ([`Pieces`]); until then
+//! nothing is at the key, as with a multipart upload before completion. Pieces rather than a
+//! multipart upload because the head is a plain PUT: it can be conditional like any other
+//! (`object_store` offers no conditional multipart completion), an interrupted upload leaves
+//! plain objects that deleting the backup removes (not an upload only a lifecycle rule ends),
+//! and servers that assemble a multipart object on completion by copying its parts (s3s-fs,
+//! some gateways) handle every byte once instead of twice. `list` never shows pieces (no key may
+//! have a component ending in `.pgkeep-pieces`); `open`, `open_range` and `size` follow a head
+//! to its pieces, `delete` and `delete_prefix` remove them. Big objects are read back in parallel
+//! ranged GETs ([`S3Reader`]). Over https the payload is not hashed into the request's
 //! signature (`UNSIGNED-PAYLOAD`): TLS already protects it in transit, and pgkeep checks every
 //! object's CRC-32C and SHA-256 itself; over plain http it is.
 //!
 //! `commit_new` must never replace an object. Where `init` found that the server enforces
-//! `If-None-Match: *` (the probe's answer is kept in the bucket at [`keys::STORAGE_INFO`]), a
-//! single-PUT object is created conditionally and the server refuses a second writer. Elsewhere
-//! (and for multipart objects, whose conditional completion `object_store` does not offer) the
-//! key is checked with a HEAD before the PUT. That leaves a window in which two writers of the
-//! same key could both see it absent; WAL keys carry the cluster's system identifier, so the only
-//! two writers of one key are retries of one archiver with the same bytes.
+//! `If-None-Match: *` (the probe's answer is kept in the bucket at [`keys::STORAGE_INFO`]), the
+//! object (or the head of a pieced one) is created conditionally and the server refuses a second
+//! writer, whose pieces are then deleted. Elsewhere the key is checked with a HEAD before the
+//! PUT. That leaves a window in which two writers of the same key could both see it absent; WAL
+//! keys carry the cluster's system identifier, so the only two writers of one key are retries of
+//! one archiver with the same bytes. Each writer's pieces lie under a name of its own, so two
+//! writers never overwrite each other's.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -30,14 +42,14 @@ use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, Certificate, ClientOptions, MultipartUpload, ObjectStore, PutMode, PutPayload,
+    BackoffConfig, Certificate, ClientOptions, GetOptions, ObjectStore, PutMode, PutPayload,
     RetryConfig,
 };
 use tokio::runtime::Runtime;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::key;
+use crate::key::{self, PIECES_MARKER};
 use crate::keys;
 use crate::{PendingObject, Result, Storage, StorageError};
 
@@ -97,8 +109,8 @@ struct Inner {
     cfg: S3Config,
     /// The probe's answer read from the bucket, once per process, when first needed.
     create_enforced: OnceLock<bool>,
-    /// One permit per part upload in flight ([`PARTS_IN_FLIGHT`]).
-    part_permits: Arc<Semaphore>,
+    /// One permit per piece upload in flight ([`PIECES_IN_FLIGHT`]).
+    piece_permits: Arc<Semaphore>,
     /// The GET of [`keys::STORAGE_INFO`] started with the client, so that DNS, the connection
     /// and the TLS handshake overlap whatever the command does before its first request.
     warm: std::sync::Mutex<Option<JoinHandle<object_store::Result<Bytes>>>>,
@@ -118,12 +130,11 @@ impl std::fmt::Debug for Inner {
 }
 
 /// Objects up to this size are one PUT: a WAL segment of 16 MiB, even one that does not
-/// compress, is one request (a multipart upload of it costs three requests and, on servers that
-/// assemble parts on completion, every byte twice).
+/// compress, is one request.
 pub const SINGLE_PUT_MAX: usize = 17 << 20;
 
-/// Bigger objects are uploaded in parts of this size.
-pub const PART_SIZE: usize = 8 << 20;
+/// Bigger objects are stored in pieces of this size (the last one shorter).
+pub const PIECE_SIZE: usize = 8 << 20;
 
 /// Bytes of `commit_unsynced` PUTs a storage keeps in flight before the next one waits.
 pub const UNSYNCED_BYTES: usize = 16 << 20;
@@ -131,10 +142,96 @@ pub const UNSYNCED_BYTES: usize = 16 << 20;
 /// `commit_unsynced` PUTs a storage keeps in flight before the next one waits.
 pub const UNSYNCED_PUTS: usize = 16;
 
-/// Parts of one storage (all its uploads together) being sent at once. With each writer's part
-/// being filled, an upload's memory is at most `PARTS_IN_FLIGHT * PART_SIZE + writers *
+/// Pieces of one storage (all its uploads together) being sent at once. With each writer's
+/// piece being filled, an upload's memory is at most `PIECES_IN_FLIGHT * PIECE_SIZE + writers *
 /// SINGLE_PUT_MAX` (49 MiB for one writer), whatever the object's size.
-pub const PARTS_IN_FLIGHT: usize = 4;
+pub const PIECES_IN_FLIGHT: usize = 4;
+
+/// A head object ([`Pieces`]) is far shorter than this; only objects this short are read to see
+/// whether they are one.
+const HEAD_MAX: u64 = 1024;
+
+/// The first line of a head object.
+const HEAD_MAGIC: &str = "pgkeep-pieces 1";
+
+/// What the head object of a pieced object says: the pieces are
+/// `<key>.pgkeep-pieces/<writer>/<n>` for n in 0..count, each `piece_size` bytes but the last,
+/// `size` bytes in all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pieces {
+    writer: String,
+    piece_size: u64,
+    count: u64,
+    size: u64,
+}
+
+impl Pieces {
+    fn text(&self) -> String {
+        format!(
+            "{HEAD_MAGIC}\nwriter {}\npiece-size {}\npieces {}\nsize {}\n",
+            self.writer, self.piece_size, self.count, self.size
+        )
+    }
+
+    /// `None` for bytes that are not a head; a head that does not add up is corrupt.
+    fn parse(key: &str, bytes: &[u8]) -> Result<Option<Pieces>> {
+        let Some(rest) = bytes
+            .strip_prefix(HEAD_MAGIC.as_bytes())
+            .and_then(|r| r.strip_prefix(b"\n"))
+        else {
+            return Ok(None);
+        };
+        let corrupt = || StorageError::Corrupt {
+            key: key.to_owned(),
+            detail: "the head object of a pieced object is damaged".to_owned(),
+        };
+        let text = std::str::from_utf8(rest).map_err(|_| corrupt())?;
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .ok_or_else(corrupt)
+        };
+        let number = |name: &str| field(name)?.parse::<u64>().map_err(|_| corrupt());
+        let pieces = Pieces {
+            writer: field("writer")?.to_owned(),
+            piece_size: number("piece-size")?,
+            count: number("pieces")?,
+            size: number("size")?,
+        };
+        let adds_up = pieces.piece_size > 0
+            && pieces.count == pieces.size.div_ceil(pieces.piece_size)
+            && key::check(&pieces.writer).is_ok()
+            && !pieces.writer.contains('/');
+        if !adds_up {
+            return Err(corrupt());
+        }
+        Ok(Some(pieces))
+    }
+
+    fn key(&self, key: &str, n: u64) -> String {
+        piece_key(key, &self.writer, n)
+    }
+}
+
+/// Where the pieces of the object at `key` lie, whichever writer wrote them.
+fn pieces_dir(key: &str) -> String {
+    format!("{key}{PIECES_MARKER}")
+}
+
+/// Piece `n` of `writer`'s object at `key`.
+fn piece_key(key: &str, writer: &str, n: u64) -> String {
+    format!("{}/{writer}/{n:05}", pieces_dir(key))
+}
+
+/// A name no other writer of this bucket uses: process, time and a count.
+fn new_writer() -> String {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{nanos:x}-{n}", std::process::id())
+}
 
 impl S3Storage {
     /// A client for the configured bucket; nothing is sent until the first request.
@@ -201,7 +298,7 @@ impl S3Storage {
                 runtime,
                 cfg,
                 create_enforced: OnceLock::new(),
-                part_permits: Arc::new(Semaphore::new(PARTS_IN_FLIGHT)),
+                piece_permits: Arc::new(Semaphore::new(PIECES_IN_FLIGHT)),
                 background: std::sync::Mutex::new(Vec::new()),
                 unsynced_bytes: Arc::new(Semaphore::new(UNSYNCED_BYTES)),
                 unsynced_puts: Arc::new(Semaphore::new(UNSYNCED_PUTS)),
@@ -285,6 +382,89 @@ impl Inner {
         }
     }
 
+    /// What the head object at `key` says, `None` when nothing or no head is there.
+    fn pieces(&self, key: &str) -> Result<Option<Pieces>> {
+        match self.get(key)? {
+            Some(bytes) if bytes.len() as u64 <= HEAD_MAX => Pieces::parse(key, &bytes),
+            _ => Ok(None),
+        }
+    }
+
+    /// Every key under `prefix` ("" for all), pieces included.
+    fn list_raw(&self, prefix: &str) -> Result<Vec<String>> {
+        let root = match (self.cfg.prefix.is_empty(), prefix.is_empty()) {
+            (true, true) => None,
+            (false, true) => Some(Path::from(self.cfg.prefix.as_str())),
+            _ => Some(self.path(prefix)),
+        };
+        let listed: Vec<_> = self
+            .block_on(self.store.list(root.as_ref()).try_collect())
+            .map_err(|e| self.error(prefix, e))?;
+        let mut found: Vec<String> = listed
+            .iter()
+            .filter_map(|meta| self.key_of(&meta.location))
+            .map(str::to_owned)
+            .collect();
+        found.sort_unstable();
+        Ok(found)
+    }
+
+    /// Deletes the object at `key` (a piece too); absent is fine.
+    fn delete_raw(&self, key: &str) -> Result<()> {
+        match self.block_on(self.store.delete(&self.path(key))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(key, e)),
+        }
+    }
+
+    /// Deletes the pieces of the object at `key`, but those of `keep` (the writer of the head
+    /// now there): left by an object it replaced, or by a writer that did not finish.
+    fn remove_pieces(&self, key: &str, keep: Option<&str>) -> Result<()> {
+        let dir = pieces_dir(key);
+        let keep = keep.map(|w| format!("{dir}/{w}/"));
+        for piece in self.list_raw(&dir)? {
+            if keep.as_ref().is_none_or(|k| !piece.starts_with(k.as_str())) {
+                self.delete_raw(&piece)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes `range` of the pieced object `pieces`, fetched piece range after piece range.
+    fn read_pieces(
+        &self,
+        key: &str,
+        pieces: &Pieces,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes> {
+        if range.end > pieces.size {
+            return Err(StorageError::io(
+                key,
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{key} holds {} bytes, not {}", pieces.size, range.end),
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(to_usize(range.end - range.start));
+        let mut at = range.start;
+        while at < range.end {
+            let n = at / pieces.piece_size;
+            let within = at % pieces.piece_size;
+            let end = range.end.min((n + 1) * pieces.piece_size);
+            let piece = pieces.key(key, n);
+            let path = self.path(&piece);
+            let got = self.block_on(get_range(
+                self.store.clone(),
+                path,
+                within..within + (end - at),
+            ));
+            out.extend_from_slice(&got.map_err(|e| self.error(&piece, e))?);
+            at = end;
+        }
+        Ok(Bytes::from(out))
+    }
+
     fn exists(&self, key: &str) -> Result<bool> {
         match self.block_on(self.store.head(&self.path(key))) {
             Ok(_) => Ok(true),
@@ -349,7 +529,9 @@ impl Storage for S3Storage {
             path: self.inner.path(key),
             key: key.to_owned(),
             buf: Vec::new(),
-            upload: None,
+            writer: None,
+            pieces: 0,
+            pieced_bytes: 0,
             in_flight: VecDeque::new(),
         }))
     }
@@ -360,7 +542,17 @@ impl Storage for S3Storage {
         let got = inner
             .block_on(inner.store.get(&inner.path(key)))
             .map_err(|e| inner.error(key, e))?;
-        Ok(Box::new(S3Reader::new(Arc::clone(inner), key, got)))
+        if got.meta.size > HEAD_MAX {
+            return Ok(Box::new(S3Reader::new(Arc::clone(inner), key, got)));
+        }
+        // Short enough to be the head of a pieced object.
+        let bytes = inner
+            .block_on(got.bytes())
+            .map_err(|e| inner.error(key, e))?;
+        match Pieces::parse(key, &bytes)? {
+            Some(pieces) => Ok(Box::new(S3Reader::pieced(Arc::clone(inner), key, pieces))),
+            None => Ok(Box::new(io::Cursor::new(bytes))),
+        }
     }
 
     /// One ranged GET (bundled files are small), retried like the ranges of a big object.
@@ -370,13 +562,24 @@ impl Storage for S3Storage {
         if len == 0 {
             return Ok(Box::new(io::empty()));
         }
-        let got = inner.block_on(get_range(
+        let range = offset..offset.saturating_add(len);
+        let got = inner.block_on(get_range_of(
             inner.store.clone(),
             inner.path(key),
-            offset..offset.saturating_add(len),
+            range.clone(),
         ));
+        if let Ok((bytes, total)) = &got {
+            if *total > HEAD_MAX {
+                return Ok(Box::new(io::Cursor::new(bytes.clone())));
+            }
+        }
+        // A short object, or one without these bytes: the head of a pieced object, maybe.
+        if let Some(pieces) = inner.pieces(key)? {
+            let bytes = inner.read_pieces(key, &pieces, range)?;
+            return Ok(Box::new(io::Cursor::new(bytes)));
+        }
         match got {
-            Ok(bytes) => Ok(Box::new(io::Cursor::new(bytes))),
+            Ok((bytes, _)) => Ok(Box::new(io::Cursor::new(bytes))),
             Err(e) => Err(inner.error(key, e)),
         }
     }
@@ -385,6 +588,10 @@ impl Storage for S3Storage {
         key::check(key)?;
         let inner = &self.inner;
         match inner.block_on(inner.store.head(&inner.path(key))) {
+            Ok(meta) if meta.size <= HEAD_MAX => match inner.pieces(key)? {
+                Some(pieces) => Ok(Some(pieces.size)),
+                None => Ok(Some(meta.size)),
+            },
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(inner.error(key, e)),
@@ -401,34 +608,19 @@ impl Storage for S3Storage {
         }
     }
 
+    /// Keys of objects; pieces are not (see the module doc).
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let prefix = key::check_prefix(prefix)?;
-        let inner = &self.inner;
-        let root = match (inner.cfg.prefix.is_empty(), prefix.is_empty()) {
-            (true, true) => None,
-            (false, true) => Some(Path::from(inner.cfg.prefix.as_str())),
-            _ => Some(inner.path(prefix)),
-        };
-        let listed: Vec<_> = inner
-            .block_on(inner.store.list(root.as_ref()).try_collect())
-            .map_err(|e| inner.error(prefix, e))?;
-        let mut found: Vec<String> = listed
-            .iter()
-            .filter_map(|meta| inner.key_of(&meta.location))
-            .filter(|k| key::check(k).is_ok())
-            .map(str::to_owned)
-            .collect();
-        found.sort_unstable();
+        let mut found = self.inner.list_raw(prefix)?;
+        found.retain(|k| key::check(k).is_ok());
         Ok(found)
     }
 
+    /// The head first, so the object is gone at once, then its pieces (one LIST to find them).
     fn delete(&self, key: &str) -> Result<()> {
         key::check(key)?;
-        let inner = &self.inner;
-        match inner.block_on(inner.store.delete(&inner.path(key))) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(inner.error(key, e)),
-        }
+        self.inner.delete_raw(key)?;
+        self.inner.remove_pieces(key, None)
     }
 
     fn delete_prefix(&self, prefix: &str) -> Result<()> {
@@ -436,8 +628,14 @@ impl Storage for S3Storage {
         if prefix.is_empty() {
             return Err(StorageError::InvalidKey { key: String::new() });
         }
-        for key in self.list(prefix)? {
-            self.delete(&key)?;
+        // Pieces last, so no head is ever left naming a piece that is gone.
+        let (pieces, objects): (Vec<String>, Vec<String>) = self
+            .inner
+            .list_raw(prefix)?
+            .into_iter()
+            .partition(|k| key::check(k).is_err());
+        for key in objects.iter().chain(&pieces) {
+            self.inner.delete_raw(key)?;
         }
         Ok(())
     }
@@ -481,16 +679,20 @@ impl Storage for S3Storage {
     }
 }
 
-/// An object being written: bytes buffered up to [`SINGLE_PUT_MAX`] for one PUT; past that, a
-/// multipart upload whose parts of [`PART_SIZE`] are each handed to a task that uploads it while
-/// the writer fills the following one.
+/// An object being written: bytes buffered up to [`SINGLE_PUT_MAX`] for one PUT; past that,
+/// pieces of [`PIECE_SIZE`] each handed to a task that uploads it while the writer fills the
+/// following one, and a head object at the key once they are all stored.
 struct S3Pending {
     inner: Arc<Inner>,
     path: Path,
     key: String,
     buf: Vec<u8>,
-    upload: Option<Box<dyn MultipartUpload>>,
-    /// Parts being uploaded, oldest first; each holds one of the storage's part permits.
+    /// This writer's name among the pieces, once the object outgrew a single PUT.
+    writer: Option<String>,
+    /// Pieces handed to tasks so far, and their bytes.
+    pieces: u64,
+    pieced_bytes: u64,
+    /// Pieces being uploaded, oldest first; each holds one of the storage's piece permits.
     in_flight: VecDeque<JoinHandle<object_store::Result<()>>>,
 }
 
@@ -499,53 +701,50 @@ impl S3Pending {
         self.inner.error(&self.key, e)
     }
 
-    /// Hand the buffered bytes to a task that uploads them as the next part, starting the
-    /// multipart upload if needed. Waits first for a part permit (at most [`PARTS_IN_FLIGHT`]
-    /// parts of this storage are in flight at once), so memory stays bounded.
-    fn send_part(&mut self) -> Result<()> {
-        let part = Bytes::from(std::mem::take(&mut self.buf));
-        self.send(part)
+    /// Hand the buffered bytes to a task that uploads them as the next piece.
+    fn send_piece(&mut self) -> Result<()> {
+        let piece = Bytes::from(std::mem::take(&mut self.buf));
+        self.send(piece)
     }
 
-    /// The single PUT's buffer is full: the object becomes a multipart upload, the buffer's
-    /// whole parts sent, the rest kept to fill the next part.
-    fn start_parts(&mut self) -> Result<()> {
+    /// The single PUT's buffer is full: the object goes in pieces, the buffer's whole pieces
+    /// sent, the rest kept to fill the next one.
+    fn start_pieces(&mut self) -> Result<()> {
         let whole = Bytes::from(std::mem::take(&mut self.buf));
-        let sent = whole.len() - whole.len() % PART_SIZE;
-        for start in (0..sent).step_by(PART_SIZE) {
-            self.send(whole.slice(start..start + PART_SIZE))?;
+        let sent = whole.len() - whole.len() % PIECE_SIZE;
+        for start in (0..sent).step_by(PIECE_SIZE) {
+            self.send(whole.slice(start..start + PIECE_SIZE))?;
         }
-        self.buf = Vec::with_capacity(PART_SIZE);
+        self.buf = Vec::with_capacity(PIECE_SIZE);
         self.buf.extend_from_slice(&whole[sent..]);
         Ok(())
     }
 
-    fn send(&mut self, part: Bytes) -> Result<()> {
+    /// Waits first for a piece permit (at most [`PIECES_IN_FLIGHT`] pieces of this storage are
+    /// in flight at once), so memory stays bounded.
+    fn send(&mut self, piece: Bytes) -> Result<()> {
         let inner = Arc::clone(&self.inner);
-        if self.upload.is_none() {
-            let started = inner.block_on(inner.store.put_multipart(&self.path));
-            self.upload = Some(started.map_err(|e| self.error(e))?);
-        }
-        // A part that failed ends the upload now rather than at commit.
+        let writer = self.writer.get_or_insert_with(new_writer).clone();
+        // A piece that failed ends the upload now rather than at commit.
         while self.in_flight.front().is_some_and(JoinHandle::is_finished) {
             self.wait_oldest()?;
         }
         let permit = inner
-            .block_on(Arc::clone(&inner.part_permits).acquire_owned())
-            .expect("the part semaphore is never closed");
-        let part = PutPayload::from(part);
-        let upload = self.upload.as_mut().expect("started above");
-        // The part's number is fixed here, at the call, whatever order the tasks finish in.
-        let send = upload.put_part(part);
+            .block_on(Arc::clone(&inner.piece_permits).acquire_owned())
+            .expect("the piece semaphore is never closed");
+        let path = inner.path(&piece_key(&self.key, &writer, self.pieces));
+        self.pieces += 1;
+        self.pieced_bytes += piece.len() as u64;
+        let store = inner.store.clone();
         self.in_flight.push_back(inner.runtime.spawn(async move {
-            let sent = send.await;
+            let sent = store.put(&path, PutPayload::from(piece)).await;
             drop(permit);
-            sent
+            sent.map(|_| ())
         }));
         Ok(())
     }
 
-    /// Wait for the oldest part in flight; its error, if any.
+    /// Wait for the oldest piece in flight; its error, if any.
     fn wait_oldest(&mut self) -> Result<()> {
         let Some(handle) = self.in_flight.pop_front() else {
             return Ok(());
@@ -558,14 +757,14 @@ impl S3Pending {
 
     fn finish(&mut self, mode: PutMode) -> Result<()> {
         let inner = Arc::clone(&self.inner);
-        if self.upload.is_none() {
+        let Some(writer) = self.writer.clone() else {
             let payload = PutPayload::from(std::mem::take(&mut self.buf));
             let put = inner.store.put_opts(&self.path, payload, mode.into());
             return inner.block_on(put).map(|_| ()).map_err(|e| self.error(e));
-        }
+        };
         let sent = (|| {
             if !self.buf.is_empty() {
-                self.send_part()?;
+                self.send_piece()?;
             }
             while !self.in_flight.is_empty() {
                 self.wait_oldest()?;
@@ -576,32 +775,45 @@ impl S3Pending {
             self.abort();
             return Err(e);
         }
-        let mut upload = self.upload.take().expect("started");
-        match inner.block_on(upload.complete()) {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let _ = inner.block_on(upload.abort());
-                Err(self.error(e))
-            }
+        let head = Pieces {
+            writer: writer.clone(),
+            piece_size: PIECE_SIZE as u64,
+            count: self.pieces,
+            size: self.pieced_bytes,
+        };
+        let put = inner
+            .store
+            .put_opts(&self.path, head.text().into_bytes().into(), mode.into());
+        if let Err(e) = inner.block_on(put) {
+            let e = self.error(e);
+            self.abort();
+            return Err(e);
         }
+        // The pieces are the object's now.
+        self.writer = None;
+        // Those of an object this one replaced, or of a writer that never finished, are not.
+        // Failing to delete them leaves garbage, not a wrong object: not an error of this one.
+        let _ = inner.remove_pieces(&self.key, Some(&writer));
+        Ok(())
     }
 
-    /// Drop a started multipart upload, so the server frees its parts; parts still in flight
-    /// are cancelled first.
+    /// Stop the pieces still in flight and delete those stored, so nothing of this writer stays.
     fn abort(&mut self) {
         for handle in self.in_flight.drain(..) {
             handle.abort();
             let _ = self.inner.block_on(handle);
         }
-        if let Some(mut upload) = self.upload.take() {
-            let _ = self.inner.block_on(upload.abort());
+        if let Some(writer) = self.writer.take() {
+            for n in 0..self.pieces {
+                let _ = self.inner.delete_raw(&piece_key(&self.key, &writer, n));
+            }
         }
     }
 }
 
 impl Write for S3Pending {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.upload.is_none() {
+        if self.writer.is_none() {
             let room = SINGLE_PUT_MAX - self.buf.len();
             let n = data.len().min(room);
             if self.buf.capacity() - self.buf.len() < n {
@@ -613,18 +825,18 @@ impl Write for S3Pending {
             }
             self.buf.extend_from_slice(&data[..n]);
             if self.buf.len() == SINGLE_PUT_MAX {
-                self.start_parts().map_err(io::Error::other)?;
+                self.start_pieces().map_err(io::Error::other)?;
             }
             return Ok(n);
         }
         if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(PART_SIZE);
+            self.buf.reserve_exact(PIECE_SIZE);
         }
-        let room = PART_SIZE - self.buf.len();
+        let room = PIECE_SIZE - self.buf.len();
         let n = data.len().min(room);
         self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == PART_SIZE {
-            self.send_part().map_err(io::Error::other)?;
+        if self.buf.len() == PIECE_SIZE {
+            self.send_piece().map_err(io::Error::other)?;
         }
         Ok(n)
     }
@@ -642,9 +854,9 @@ impl PendingObject for S3Pending {
     /// A single-PUT object is handed to a background task and this returns at once, so the many
     /// small files of a backup are in flight together; [`Storage::sync`] waits for them all and
     /// fails if any PUT failed. At most [`UNSYNCED_BYTES`] in [`UNSYNCED_PUTS`] PUTs wait at
-    /// once. A multipart object is completed here, as by `commit`.
+    /// once. A pieced object is finished here, as by `commit`.
     fn commit_unsynced(mut self: Box<Self>) -> Result<()> {
-        if self.upload.is_some() {
+        if self.writer.is_some() {
             return self.finish(PutMode::Overwrite);
         }
         let inner = Arc::clone(&self.inner);
@@ -671,8 +883,7 @@ impl PendingObject for S3Pending {
     }
 
     fn commit_new(mut self: Box<Self>) -> Result<()> {
-        let enforced = self.inner.create_enforced()?;
-        if self.upload.is_none() && enforced {
+        if self.inner.create_enforced()? {
             return self.finish(PutMode::Create);
         }
         // HEAD, then PUT: the window is described in the module doc.
@@ -696,11 +907,15 @@ impl Drop for S3Pending {
 /// [`RANGE_SIZE`] bytes for a big object; the rest of a big object comes in ranged GETs of
 /// [`RANGE_SIZE`], [`RANGES_IN_FLIGHT`] of them fetched ahead in parallel (started when the
 /// object is opened), so one slow round trip does not stall the reader. A ranged GET, or the
-/// rest of a body cut off mid-way, is retried with backoff.
+/// rest of a body cut off mid-way, is retried with backoff. A pieced object is read the same
+/// way, its ranges taken from its pieces in order.
 struct S3Reader {
     inner: Arc<Inner>,
     key: String,
-    path: Path,
+    /// Where the bytes are: one object, or the pieces of a pieced one, each `piece_size` bytes
+    /// but the last.
+    paths: Vec<Path>,
+    piece_size: u64,
     size: u64,
     /// The first GET's body, until `head_end`.
     stream: Option<BoxStream<'static, object_store::Result<Bytes>>>,
@@ -736,7 +951,8 @@ impl S3Reader {
         let mut reader = S3Reader {
             inner,
             key: key.to_owned(),
-            path,
+            paths: vec![path],
+            piece_size: size.max(1),
             size,
             stream: Some(got.into_stream()),
             head_end,
@@ -749,13 +965,39 @@ impl S3Reader {
         reader
     }
 
-    /// Start ranged GETs until [`RANGES_IN_FLIGHT`] are in flight or the object is covered.
+    fn pieced(inner: Arc<Inner>, key: &str, pieces: Pieces) -> S3Reader {
+        let paths = (0..pieces.count)
+            .map(|n| inner.path(&pieces.key(key, n)))
+            .collect();
+        let mut reader = S3Reader {
+            inner,
+            key: key.to_owned(),
+            paths,
+            piece_size: pieces.piece_size,
+            size: pieces.size,
+            stream: None,
+            head_end: 0,
+            pos: 0,
+            chunk: Bytes::new(),
+            ahead: VecDeque::new(),
+            next_range: 0,
+        };
+        reader.fetch_ahead();
+        reader
+    }
+
+    /// Start ranged GETs until [`RANGES_IN_FLIGHT`] are in flight or the object is covered. No
+    /// range spans two pieces.
     fn fetch_ahead(&mut self) {
         while self.ahead.len() < RANGES_IN_FLIGHT && self.next_range < self.size {
-            let range = self.next_range..(self.next_range + RANGE_SIZE).min(self.size);
-            self.next_range = range.end;
+            let n = self.next_range / self.piece_size;
+            let piece_end = self.size.min((n + 1) * self.piece_size);
+            let end = piece_end.min(self.next_range + RANGE_SIZE);
+            let start = self.next_range - n * self.piece_size;
+            let range = start..start + (end - self.next_range);
+            self.next_range = end;
             let store = self.inner.store.clone();
-            let path = self.path.clone();
+            let path = self.paths[to_usize(n)].clone();
             self.ahead
                 .push_back(self.inner.runtime.spawn(get_range(store, path, range)));
         }
@@ -780,7 +1022,7 @@ impl S3Reader {
                 None | Some(Err(_)) => {
                     self.stream = None;
                     let store = self.inner.store.clone();
-                    let rest = get_range(store, self.path.clone(), self.pos..self.head_end);
+                    let rest = get_range(store, self.paths[0].clone(), self.pos..self.head_end);
                     self.inner.block_on(rest).map_err(|e| self.error(e))
                 }
             };
@@ -842,13 +1084,35 @@ async fn get_range(
     path: Path,
     range: std::ops::Range<u64>,
 ) -> object_store::Result<Bytes> {
+    get_range_of(store, path, range)
+        .await
+        .map(|(bytes, _)| bytes)
+}
+
+/// [`get_range`], and the size of the whole object.
+async fn get_range_of(
+    store: AmazonS3,
+    path: Path,
+    range: std::ops::Range<u64>,
+) -> object_store::Result<(Bytes, u64)> {
     let want = range.end - range.start;
     let mut delay = Duration::from_millis(100);
     let mut attempt = 1;
     loop {
-        let got = match store.get_range(&path, range.clone()).await {
-            Ok(bytes) if bytes.len() as u64 == want => return Ok(bytes),
-            Ok(bytes) => object_store::Error::Generic {
+        let options = GetOptions {
+            range: Some(range.clone().into()),
+            ..GetOptions::default()
+        };
+        let got = match store.get_opts(&path, options).await {
+            Ok(got) => {
+                let total = got.meta.size;
+                got.bytes().await.map(|bytes| (bytes, total))
+            }
+            Err(e) => Err(e),
+        };
+        let got = match got {
+            Ok((bytes, total)) if bytes.len() as u64 == want => return Ok((bytes, total)),
+            Ok((bytes, _)) => object_store::Error::Generic {
                 store: "S3",
                 source: format!(
                     "bytes {}..{} of {path} came back {} bytes long",
@@ -993,6 +1257,53 @@ fn last_cause(text: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_names_its_pieces_and_damage_is_corruption() {
+        let head = Pieces {
+            writer: new_writer(),
+            piece_size: 8 << 20,
+            count: 3,
+            size: (16 << 20) + 5,
+        };
+        let text = head.text();
+        assert!(text.len() < HEAD_MAX as usize / 4, "{text}");
+        assert_eq!(
+            Pieces::parse("k", text.as_bytes()).unwrap(),
+            Some(head.clone())
+        );
+        assert_eq!(
+            head.key("a/b.lz4", 2),
+            format!("a/b.lz4.pgkeep-pieces/{}/00002", head.writer)
+        );
+        assert!(key::check(&head.key("a/b.lz4", 2)).is_err());
+        assert_ne!(new_writer(), new_writer());
+        // Anything else is an object of its own.
+        for other in [
+            &b"\x04\x22\x4d\x18"[..],
+            b"[backup]\n",
+            b"",
+            b"pgkeep-pieces 1",
+        ] {
+            assert_eq!(Pieces::parse("k", other).unwrap(), None);
+        }
+        let damaged = [
+            text.replace("pieces 3", "pieces 2"),
+            text.replace("size 16777221", "size x"),
+            text.replace(&format!("writer {}", head.writer), "writer a/b"),
+            text.replace("piece-size 8388608", "piece-size 0"),
+            format!("{HEAD_MAGIC}\n"),
+        ];
+        for bad in damaged {
+            assert!(
+                matches!(
+                    Pieces::parse("k", bad.as_bytes()),
+                    Err(StorageError::Corrupt { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn storage_info_is_read_back() {
