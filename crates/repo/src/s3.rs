@@ -423,7 +423,7 @@ impl Inner {
         let dir = pieces_dir(key);
         let keep = keep.map(|w| format!("{dir}/{w}/"));
         for piece in self.list_raw(&dir)? {
-            if keep.as_ref().is_none_or(|k| !piece.starts_with(k.as_str())) {
+            if !keep.as_ref().is_some_and(|k| piece.starts_with(k.as_str())) {
                 self.delete_raw(&piece)?;
             }
         }
