@@ -451,10 +451,14 @@ fn s3_server_stopped_mid_upload_leaves_no_object_under_the_final_name() {
     s3.restart();
     let committed = match written {
         Ok(()) => pending.commit(),
-        Err(e) => Err(pgkeep_repo::StorageError::Source {
-            key: "big/cut".into(),
-            source: e,
-        }),
+        Err(e) => {
+            // Dropped unfinished: its stored pieces go with it.
+            drop(pending);
+            Err(pgkeep_repo::StorageError::Source {
+                key: "big/cut".into(),
+                source: e,
+            })
+        }
     };
     assert!(committed.is_err(), "{committed:?}");
     assert_eq!(storage.size("big/cut").unwrap(), None);

@@ -7,7 +7,7 @@ const TEMP_MARKER: &str = ".pgkeep-tmp";
 
 /// Suffix of the "directory" holding the pieces of a big object in an object store:
 /// `<key>.pgkeep-pieces/<writer>/<n>` (see `s3`).
-pub(crate) const PIECES_MARKER: &str = ".pgkeep-pieces";
+const PIECES_MARKER: &str = ".pgkeep-pieces";
 
 /// Accepts a key: relative, '/'-separated, no empty, "." or ".." components, no NUL, and no
 /// component that looks like one of our temporary files or piece directories (they would be
@@ -42,6 +42,16 @@ pub(crate) fn check_prefix(prefix: &str) -> Result<&str> {
         key: prefix.to_owned(),
     })?;
     Ok(trimmed)
+}
+
+/// Where the pieces of the object at `key` lie in an object store, whichever writer wrote them.
+pub(crate) fn pieces_dir(key: &str) -> String {
+    format!("{key}{PIECES_MARKER}")
+}
+
+/// Piece `n` of `writer`'s object at `key`.
+pub(crate) fn piece_key(key: &str, writer: &str, n: u64) -> String {
+    format!("{}/{writer}/{n:05}", pieces_dir(key))
 }
 
 /// The temporary name for file `name` written by process `pid`, attempt `n`.

@@ -49,7 +49,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::key::{self, PIECES_MARKER};
+use crate::key::{self, piece_key, pieces_dir};
 use crate::keys;
 use crate::{PendingObject, Result, Storage, StorageError};
 
@@ -211,16 +211,6 @@ impl Pieces {
     fn key(&self, key: &str, n: u64) -> String {
         piece_key(key, &self.writer, n)
     }
-}
-
-/// Where the pieces of the object at `key` lie, whichever writer wrote them.
-fn pieces_dir(key: &str) -> String {
-    format!("{key}{PIECES_MARKER}")
-}
-
-/// Piece `n` of `writer`'s object at `key`.
-fn piece_key(key: &str, writer: &str, n: u64) -> String {
-    format!("{}/{writer}/{n:05}", pieces_dir(key))
 }
 
 /// A name no other writer of this bucket uses: process, time and a count.
