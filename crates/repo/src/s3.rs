@@ -29,7 +29,9 @@
 //! PUT. That leaves a window in which two writers of the same key could both see it absent; WAL
 //! keys carry the cluster's system identifier, so the only two writers of one key are retries of
 //! one archiver with the same bytes. Each writer's pieces lie under a name of its own, so two
-//! writers never overwrite each other's.
+//! writers never overwrite each other's, and no writer deletes another's: pieces of a replaced
+//! object stay until it is deleted. A writer deletes its own only once the head at the key is
+//! known not to be its own (a head PUT that failed may have landed all the same).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -154,6 +156,11 @@ const HEAD_MAX: u64 = 1024;
 /// The first line of a head object.
 const HEAD_MAGIC: &str = "pgkeep-pieces 1";
 
+/// Bounds a head must keep (S3's largest PUT; 80 GiB of 8 MiB pieces), so that a damaged one
+/// cannot make a reader allocate or compute past them.
+const MAX_PIECE_SIZE: u64 = 5 << 30;
+const MAX_PIECES: u64 = 10_000;
+
 /// What the head object of a pieced object says: the pieces are
 /// `<key>.pgkeep-pieces/<writer>/<n>` for n in 0..count, each `piece_size` bytes but the last,
 /// `size` bytes in all.
@@ -198,7 +205,8 @@ impl Pieces {
             count: number("pieces")?,
             size: number("size")?,
         };
-        let adds_up = pieces.piece_size > 0
+        let adds_up = (1..=MAX_PIECE_SIZE).contains(&pieces.piece_size)
+            && pieces.count <= MAX_PIECES
             && pieces.count == pieces.size.div_ceil(pieces.piece_size)
             && key::check(&pieces.writer).is_ok()
             && !pieces.writer.contains('/');
@@ -372,8 +380,14 @@ impl Inner {
         }
     }
 
-    /// What the head object at `key` says, `None` when nothing or no head is there.
+    /// What the head object at `key` says, `None` when nothing or no head is there. Only an
+    /// object short enough to be a head is read.
     fn pieces(&self, key: &str) -> Result<Option<Pieces>> {
+        match self.block_on(self.store.head(&self.path(key))) {
+            Ok(meta) if meta.size <= HEAD_MAX => {}
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.error(key, e)),
+        }
         match self.get(key)? {
             Some(bytes) if bytes.len() as u64 <= HEAD_MAX => Pieces::parse(key, &bytes),
             _ => Ok(None),
@@ -407,15 +421,11 @@ impl Inner {
         }
     }
 
-    /// Deletes the pieces of the object at `key`, but those of `keep` (the writer of the head
-    /// now there): left by an object it replaced, or by a writer that did not finish.
-    fn remove_pieces(&self, key: &str, keep: Option<&str>) -> Result<()> {
-        let dir = pieces_dir(key);
-        let keep = keep.map(|w| format!("{dir}/{w}/"));
-        for piece in self.list_raw(&dir)? {
-            if !keep.as_ref().is_some_and(|k| piece.starts_with(k.as_str())) {
-                self.delete_raw(&piece)?;
-            }
+    /// Deletes every piece under the object at `key`: its own, those of an object it replaced
+    /// and those of writers that did not finish.
+    fn remove_pieces(&self, key: &str) -> Result<()> {
+        for piece in self.list_raw(&pieces_dir(key))? {
+            self.delete_raw(&piece)?;
         }
         Ok(())
     }
@@ -610,7 +620,7 @@ impl Storage for S3Storage {
     fn delete(&self, key: &str) -> Result<()> {
         key::check(key)?;
         self.inner.delete_raw(key)?;
-        self.inner.remove_pieces(key, None)
+        self.inner.remove_pieces(key)
     }
 
     fn delete_prefix(&self, prefix: &str) -> Result<()> {
@@ -774,25 +784,44 @@ impl S3Pending {
         let put = inner
             .store
             .put_opts(&self.path, head.text().into_bytes().into(), mode.into());
-        if let Err(e) = inner.block_on(put) {
-            let e = self.error(e);
-            self.abort();
-            return Err(e);
+        let Err(e) = inner.block_on(put) else {
+            // The pieces are the object's now. Those of an object this one replaced are left:
+            // deleting another writer's pieces could race that writer's head (see `delete`).
+            self.writer = None;
+            return Ok(());
+        };
+        // A PUT that failed may still have landed (an attempt that timed out, a retry refused
+        // because the first one had created the key): the pieces go only once the head at the
+        // key is known not to be this one.
+        let e = self.error(e);
+        match inner.pieces(&self.key) {
+            Ok(Some(there)) if there == head => {
+                self.writer = None;
+                Ok(())
+            }
+            Ok(_) => {
+                self.abort();
+                Err(e)
+            }
+            Err(_) => {
+                // Unknown: keep the pieces (garbage at worst) rather than risk a head without them.
+                self.stop_in_flight();
+                self.writer = None;
+                Err(e)
+            }
         }
-        // The pieces are the object's now.
-        self.writer = None;
-        // Those of an object this one replaced, or of a writer that never finished, are not.
-        // Failing to delete them leaves garbage, not a wrong object: not an error of this one.
-        let _ = inner.remove_pieces(&self.key, Some(&writer));
-        Ok(())
     }
 
-    /// Stop the pieces still in flight and delete those stored, so nothing of this writer stays.
-    fn abort(&mut self) {
+    fn stop_in_flight(&mut self) {
         for handle in self.in_flight.drain(..) {
             handle.abort();
             let _ = self.inner.block_on(handle);
         }
+    }
+
+    /// Stop the pieces still in flight and delete those stored, so nothing of this writer stays.
+    fn abort(&mut self) {
+        self.stop_in_flight();
         if let Some(writer) = self.writer.take() {
             for n in 0..self.pieces {
                 let _ = self.inner.delete_raw(&piece_key(&self.key, &writer, n));
@@ -1102,6 +1131,13 @@ async fn get_range_of(
         };
         let got = match got {
             Ok((bytes, total)) if bytes.len() as u64 == want => return Ok((bytes, total)),
+            // The object is shorter than the range: asking again will not lengthen it.
+            Ok((_, total)) if total < range.end => {
+                return Err(object_store::Error::Generic {
+                    store: "S3",
+                    source: format!("{path} holds {total} bytes, not {}", range.end).into(),
+                })
+            }
             Ok((bytes, _)) => object_store::Error::Generic {
                 store: "S3",
                 source: format!(
@@ -1120,7 +1156,7 @@ async fn get_range_of(
                 | object_store::Error::PermissionDenied { .. }
                 | object_store::Error::Unauthenticated { .. }
                 | object_store::Error::Precondition { .. }
-        );
+        ) || beyond_the_end(&got);
         if lasting || attempt >= RANGE_ATTEMPTS {
             return Err(got);
         }
@@ -1128,6 +1164,12 @@ async fn get_range_of(
         delay *= 2;
         attempt += 1;
     }
+}
+
+/// A range that starts past the object's end (416): it will not be there on a retry either.
+fn beyond_the_end(e: &object_store::Error) -> bool {
+    let text = chain(e);
+    text.contains("416") || text.contains("InvalidRange") || text.contains("Range Not Satisfiable")
 }
 
 /// `scheme://bucket.host[:port][/path]` for `scheme://host[:port][/path]`: where `uri-style =
@@ -1282,6 +1324,9 @@ mod tests {
             text.replace("size 16777221", "size x"),
             text.replace(&format!("writer {}", head.writer), "writer a/b"),
             text.replace("piece-size 8388608", "piece-size 0"),
+            text.replace("piece-size 8388608", "piece-size 1")
+                .replace("size 16777221", "size 1099511627776")
+                .replace("pieces 3", "pieces 1099511627776"),
             format!("{HEAD_MAGIC}\n"),
         ];
         for bad in damaged {

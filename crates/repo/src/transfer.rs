@@ -515,9 +515,10 @@ struct Placer<'a> {
     on_bytes: &'a (dyn Fn(u64) + Sync),
     /// Bytes `on_bytes` was told of, so that a fallback does not tell of them twice.
     reported: &'a AtomicU64,
-    /// Held while writing. ext4, like most filesystems, takes the inode's lock for every
-    /// buffered write, and the kernel keeps a waiter spinning while the holder copies; taking
-    /// turns here instead lets the waiting thread sleep and leave the CPU to decoding.
+    /// Held while writing through the page cache. ext4, like most filesystems, takes the
+    /// inode's lock for every buffered write, and the kernel keeps a waiter spinning while the
+    /// holder copies; taking turns here instead lets the waiting thread sleep and leave the CPU
+    /// to decoding.
     writing: Mutex<()>,
 }
 
@@ -703,12 +704,9 @@ impl Placer<'_> {
             .len()
             .min(usize::try_from(below_cap).unwrap_or(usize::MAX));
         if take > 0 {
-            let before = {
-                let _turn = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-                self.put(&bytes[..take], at)
-                    .map_err(|e| destination(self.key, e))?;
-                self.reported.fetch_add(take as u64, Ordering::Relaxed)
-            };
+            self.put(&bytes[..take], at)
+                .map_err(|e| destination(self.key, e))?;
+            let before = self.reported.fetch_add(take as u64, Ordering::Relaxed);
             if before / WRITEBACK_EVERY != (before + take as u64) / WRITEBACK_EVERY {
                 // A big file would otherwise reach the disk only at the restore's final sync.
                 crate::start_writeback(self.dst);
@@ -723,7 +721,8 @@ impl Placer<'_> {
         })
     }
 
-    /// Write `bytes` at `at`, past the page cache when they are aligned for it.
+    /// Write `bytes` at `at`, past the page cache when they are aligned for it. Only buffered
+    /// writes take turns (see `writing`): a direct one sleeps while the device works.
     fn put(&self, bytes: &[u8], at: u64) -> io::Result<()> {
         let aligned = at % DIRECT_ALIGN as u64 == 0
             && bytes.len() % DIRECT_ALIGN == 0
@@ -740,6 +739,7 @@ impl Placer<'_> {
                 }
             }
         }
+        let _turn = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         self.dst.write_all_at(bytes, at)
     }
 }
