@@ -178,6 +178,35 @@ impl StoredAt {
     }
 }
 
+/// `items` apart: those read on their own (`bundled` gives `None`), in their order, and the
+/// items of each bundle, by offset, so that a bundle's files are read with one request
+/// ([`BundleSpan`]), as restore and validate do.
+pub(crate) fn by_bundle<T>(
+    items: impl IntoIterator<Item = T>,
+    bundled: impl Fn(&T) -> Option<&StoredAt>,
+) -> (Vec<T>, Vec<Vec<T>>) {
+    let mut alone = Vec::new();
+    let mut bundled_items: Vec<(StoredAt, T)> = Vec::new();
+    for item in items {
+        match bundled(&item).cloned() {
+            Some(at) => bundled_items.push((at, item)),
+            None => alone.push(item),
+        }
+    }
+    // By bundle, then offset.
+    bundled_items.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut groups: Vec<Vec<T>> = Vec::new();
+    let mut current: Option<String> = None;
+    for (at, item) in bundled_items {
+        if current.as_deref() != Some(at.key.as_str()) {
+            groups.push(Vec::new());
+            current = Some(at.key);
+        }
+        groups.last_mut().expect("pushed above").push(item);
+    }
+    (alone, groups)
+}
+
 /// Frames of one bundle read front to back with one request, from the first frame wanted to the
 /// end of the last (restore and validate read a bundle's files this way). Frames must be asked
 /// for in increasing offset; the bytes between them are read past.
@@ -248,6 +277,29 @@ mod tests {
         w.write_all(data).unwrap();
         let (_, _, sink) = w.finish().unwrap();
         bundler.close(sink).unwrap()
+    }
+
+    #[test]
+    fn items_are_grouped_by_bundle_in_offset_order_after_those_read_alone() {
+        let at = |key: &str, offset| StoredAt {
+            key: key.into(),
+            range: Some((offset, 10)),
+        };
+        let items = vec![
+            ("b2", Some(at("b", 20))),
+            ("x", None),
+            ("a9", Some(at("a", 90))),
+            ("b0", Some(at("b", 0))),
+            ("y", None),
+            ("a1", Some(at("a", 10))),
+        ];
+        let (alone, groups) = by_bundle(items, |(_, at)| at.as_ref());
+        fn names(v: &[(&'static str, Option<StoredAt>)]) -> Vec<&'static str> {
+            v.iter().map(|(n, _)| *n).collect()
+        }
+        assert_eq!(names(&alone), ["x", "y"]);
+        let groups: Vec<_> = groups.iter().map(|g| names(g)).collect();
+        assert_eq!(groups, [vec!["a1", "a9"], vec!["b0", "b2"]]);
     }
 
     fn fetch(storage: &dyn Storage, at: &StoredAt) -> Vec<u8> {

@@ -28,7 +28,7 @@ use pgkeep_repo::{
 use sha2::{Digest as _, Sha256};
 
 use crate::backup::{file_size, needed_segments, BACKUP_LABEL, TABLESPACE_MAP};
-use crate::bundle::BundleSpan;
+use crate::bundle::{by_bundle, BundleSpan};
 use crate::chain::{delta_error, Chain, Layer, Source};
 use crate::config::Config;
 use crate::delta::DeltaReader;
@@ -688,38 +688,28 @@ enum Written {
 }
 
 /// What one restore worker takes at a time: a file, or the files whose whole content lies in
-/// one bundle, read with one request from the first one's frame to the last one's end.
+/// one bundle (by offset, with where their frames are), read with one request from the first
+/// one's frame to the last one's end.
 enum Work<'f> {
     File(&'f FileRecord, Source),
-    Bundle(BundleWork<'f>),
-}
-
-struct BundleWork<'f> {
-    key: String,
-    /// The files, by offset in the bundle, with where their frames are.
-    files: Vec<(&'f FileRecord, Layer)>,
+    Bundle(Vec<(&'f FileRecord, Layer)>),
 }
 
 /// `todo` (biggest first) as work: files stored whole in a bundle grouped by bundle, after
 /// every file of its own, so the big files start first.
 fn group_bundled<'f>(chain: &Chain, todo: Vec<&'f FileRecord>) -> Result<Vec<Work<'f>>> {
-    let mut work = Vec::with_capacity(todo.len());
-    let mut bundles: BTreeMap<String, Vec<(&FileRecord, Layer)>> = BTreeMap::new();
-    for f in todo {
-        let source = chain.source(f).with_context(|| restoring(f, chain))?;
-        match source.base.at.range {
-            Some(_) if source.deltas.is_empty() => bundles
-                .entry(source.base.at.key.clone())
-                .or_default()
-                .push((f, source.base)),
-            _ => work.push(Work::File(f, source)),
-        }
-    }
-    for (key, mut files) in bundles {
-        files.sort_by_key(|(_, layer)| layer.at.range);
-        work.push(Work::Bundle(BundleWork { key, files }));
-    }
-    Ok(work)
+    let sources = todo
+        .into_iter()
+        .map(|f| Ok((f, chain.source(f).with_context(|| restoring(f, chain))?)))
+        .collect::<Result<Vec<_>>>()?;
+    let (alone, bundles) = by_bundle(sources, |(_, s)| {
+        (s.base.at.range.is_some() && s.deltas.is_empty()).then_some(&s.base.at)
+    });
+    let files = alone.into_iter().map(|(f, s)| Work::File(f, s));
+    let bundles = bundles
+        .into_iter()
+        .map(|group| Work::Bundle(group.into_iter().map(|(f, s)| (f, s.base)).collect()));
+    Ok(files.chain(bundles).collect())
 }
 
 /// Context of an error restoring `f`.
@@ -801,17 +791,18 @@ impl FileWriter<'_> {
     /// keeps with --delta) are read past.
     fn write_bundled(
         &self,
-        b: &BundleWork<'_>,
+        files: &[(&FileRecord, Layer)],
         pgdata: &Path,
         buf: &mut [u8],
     ) -> Result<Vec<Written>> {
         let range = |layer: &Layer| layer.at.range.unwrap_or_default();
-        let (Some((_, first)), Some((_, last))) = (b.files.first(), b.files.last()) else {
+        let (Some((_, first)), Some((_, last))) = (files.first(), files.last()) else {
             return Ok(Vec::new());
         };
-        let mut span = BundleSpan::open(self.repo.storage(), &b.key, range(first), range(last))?;
-        let mut written = Vec::with_capacity(b.files.len());
-        for (f, layer) in &b.files {
+        let storage = self.repo.storage();
+        let mut span = BundleSpan::open(storage, &first.at.key, range(first), range(last))?;
+        let mut written = Vec::with_capacity(files.len());
+        for (f, layer) in files {
             let context = || restoring(f, self.chain);
             let dest = pgdata.join(&f.path);
             let len = file_size(f, self.chain.block_size);

@@ -18,7 +18,7 @@ use pgkeep_pg::{Lsn, TimelineId, WalFileName, WalSegSize};
 use pgkeep_repo::{decompress_into, get_bytes, keys, StorageError};
 
 use crate::backup::{needed_segments, BACKUP_INI, BACKUP_LABEL, MANIFEST};
-use crate::bundle::{stored_key, BundleSpan, StoredAt};
+use crate::bundle::{by_bundle, stored_key, BundleSpan, StoredAt};
 use crate::config::Config;
 use crate::parallel;
 use crate::progress::Progress;
@@ -521,12 +521,11 @@ fn validatable(s: BackupStatus) -> bool {
 #[derive(Default)]
 struct Checks {
     items: Vec<Check>,
-    by_key: HashMap<String, usize>,
+    seen: HashSet<StoredAt>,
 }
 
 struct Check {
-    /// How verdicts name it: the object's key, with the byte range for a bundled file.
-    key: String,
+    /// Verdicts name it by `at.name()`: the object's key, with the byte range for a bundled file.
     at: StoredAt,
     /// Expected decompressed size, when recorded for the object itself.
     size: Option<u64>,
@@ -541,13 +540,10 @@ type Verdicts = HashMap<String, Option<String>>;
 
 impl Checks {
     fn add(&mut self, at: StoredAt, size: Option<u64>, crc32c: Option<u32>, weight: u64) {
-        let key = at.name();
-        if self.by_key.contains_key(&key) {
+        if !self.seen.insert(at.clone()) {
             return;
         }
-        self.by_key.insert(key.clone(), self.items.len());
         self.items.push(Check {
-            key,
             at,
             size,
             crc32c,
@@ -560,18 +556,8 @@ impl Checks {
         // bundle together, read with one request.
         self.items.sort_by_key(|c| std::cmp::Reverse(c.weight));
         let total = self.items.iter().map(|c| c.weight).sum();
-        let mut units: Vec<Vec<&Check>> = Vec::new();
-        let mut bundles: BTreeMap<&str, Vec<&Check>> = BTreeMap::new();
-        for c in &self.items {
-            match c.at.range {
-                Some(_) => bundles.entry(&c.at.key).or_default().push(c),
-                None => units.push(vec![c]),
-            }
-        }
-        for (_, mut files) in bundles {
-            files.sort_by_key(|c| c.at.range);
-            units.push(files);
-        }
+        let (alone, bundles) = by_bundle(&self.items, |c| c.at.range.is_some().then_some(&c.at));
+        let units: Vec<Vec<&Check>> = alone.into_iter().map(|c| vec![c]).chain(bundles).collect();
         progress.start("validating", Some(total));
         let storage = repo.storage();
         let verdicts = parallel::for_each(&units, jobs, |unit, _buf| {
@@ -614,7 +600,7 @@ impl Checks {
                         Err(e) => Some(storage_reason(&e)),
                     };
                     progress.advance(c.weight);
-                    (c.key.clone(), verdict)
+                    (c.at.name(), verdict)
                 })
                 .collect::<Vec<_>>())
         })?;
@@ -626,7 +612,7 @@ impl Checks {
     fn bytes_read(&self, verdicts: &Verdicts) -> u64 {
         self.items
             .iter()
-            .filter(|c| matches!(verdicts.get(&c.key), Some(None)))
+            .filter(|c| matches!(verdicts.get(&c.at.name()), Some(None)))
             .map(|c| c.weight)
             .sum()
     }

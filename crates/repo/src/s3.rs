@@ -44,8 +44,8 @@ use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, Certificate, ClientOptions, GetOptions, ObjectStore, PutMode, PutPayload,
-    RetryConfig,
+    BackoffConfig, Certificate, ClientOptions, GetOptions, ObjectMeta, ObjectStore, PutMode,
+    PutPayload, RetryConfig,
 };
 use tokio::runtime::Runtime;
 use tokio::sync::Semaphore;
@@ -380,13 +380,28 @@ impl Inner {
         }
     }
 
-    /// What the head object at `key` says, `None` when nothing or no head is there. Only an
-    /// object short enough to be a head is read.
-    fn pieces(&self, key: &str) -> Result<Option<Pieces>> {
+    /// What a HEAD of `key` says, `None` when nothing is there.
+    fn meta(&self, key: &str) -> Result<Option<ObjectMeta>> {
         match self.block_on(self.store.head(&self.path(key))) {
-            Ok(meta) if meta.size <= HEAD_MAX => {}
-            Ok(_) | Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.error(key, e)),
+            Ok(meta) => Ok(Some(meta)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(key, e)),
+        }
+    }
+
+    /// What the head object at `key` says, `None` when nothing or no head is there.
+    fn pieces(&self, key: &str) -> Result<Option<Pieces>> {
+        match self.meta(key)? {
+            Some(meta) => self.pieces_in(key, meta.size),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Inner::pieces`] of an object known to be `size` bytes long: read only if it is short
+    /// enough to be a head.
+    fn pieces_in(&self, key: &str, size: u64) -> Result<Option<Pieces>> {
+        if size > HEAD_MAX {
+            return Ok(None);
         }
         match self.get(key)? {
             Some(bytes) if bytes.len() as u64 <= HEAD_MAX => Pieces::parse(key, &bytes),
@@ -466,11 +481,7 @@ impl Inner {
     }
 
     fn exists(&self, key: &str) -> Result<bool> {
-        match self.block_on(self.store.head(&self.path(key))) {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(self.error(key, e)),
-        }
+        Ok(self.meta(key)?.is_some())
     }
 
     /// The error of a finished background PUT, if one failed; finished ones are let go.
@@ -568,13 +579,15 @@ impl Storage for S3Storage {
             inner.path(key),
             range.clone(),
         ));
-        if let Ok((bytes, total)) = &got {
-            if *total > HEAD_MAX {
-                return Ok(Box::new(io::Cursor::new(bytes.clone())));
-            }
-        }
         // A short object, or one without these bytes: the head of a pieced object, maybe.
-        if let Some(pieces) = inner.pieces(key)? {
+        let pieces = match &got {
+            Ok((bytes, total)) if *total > HEAD_MAX => {
+                return Ok(Box::new(io::Cursor::new(bytes.clone())))
+            }
+            Ok((_, total)) => inner.pieces_in(key, *total)?,
+            Err(_) => inner.pieces(key)?,
+        };
+        if let Some(pieces) = pieces {
             let bytes = inner.read_pieces(key, &pieces, range)?;
             return Ok(Box::new(io::Cursor::new(bytes)));
         }
@@ -587,25 +600,19 @@ impl Storage for S3Storage {
     fn size(&self, key: &str) -> Result<Option<u64>> {
         key::check(key)?;
         let inner = &self.inner;
-        match inner.block_on(inner.store.head(&inner.path(key))) {
-            Ok(meta) if meta.size <= HEAD_MAX => match inner.pieces(key)? {
-                Some(pieces) => Ok(Some(pieces.size)),
-                None => Ok(Some(meta.size)),
-            },
-            Ok(meta) => Ok(Some(meta.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(inner.error(key, e)),
-        }
+        let Some(meta) = inner.meta(key)? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            inner
+                .pieces_in(key, meta.size)?
+                .map_or(meta.size, |p| p.size),
+        ))
     }
 
     fn modified(&self, key: &str) -> Result<Option<std::time::SystemTime>> {
         key::check(key)?;
-        let inner = &self.inner;
-        match inner.block_on(inner.store.head(&inner.path(key))) {
-            Ok(meta) => Ok(Some(meta.last_modified.into())),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(inner.error(key, e)),
-        }
+        Ok(self.inner.meta(key)?.map(|m| m.last_modified.into()))
     }
 
     /// Keys of objects; pieces are not (see the module doc).

@@ -423,14 +423,12 @@ pub(crate) fn decode_block(
     // is short, retry once with the full block size before calling it corrupt.
     let guess = max_block.min(packed.len().saturating_mul(255).max(64 * 1024));
     grow(raw, guess);
-    match decompress_into(packed, &mut raw[..guess]) {
-        Ok(n) => Ok(n),
+    match decode_block_into(packed, &mut raw[..guess]) {
         Err(_) if guess < max_block => {
             grow(raw, max_block);
-            decompress_into(packed, &mut raw[..max_block])
-                .map_err(|e| FrameError::BadBlock(e.to_string()))
+            decode_block_into(packed, &mut raw[..max_block])
         }
-        Err(e) => Err(FrameError::BadBlock(e.to_string())),
+        decoded => decoded,
     }
 }
 
